@@ -1,0 +1,1 @@
+"""The HTTP API (runs, webhooks, activity, hardware, metrics)."""

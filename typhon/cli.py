@@ -1,0 +1,273 @@
+"""The ``typhon`` command. Heavy modules are imported inside commands so ``--help`` stays fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+
+from typhon.errors import TyphonError
+
+if TYPE_CHECKING:
+    from typhon._types import RunRecord
+    from typhon.config import TyphonConfig
+    from typhon.orchestrator import RunHandle, Typhon
+
+app = typer.Typer(
+    name="typhon",
+    help="Typhon: multi-agent crews on your own models and machines.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Show and check the configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="typhon.yaml to use.", show_default=False)
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+
+
+class _State:
+    config_path: Path | None = None
+    verbose: bool = False
+
+
+_state = _State()
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _config() -> TyphonConfig:
+    from typhon.config import load_config
+
+    return load_config(_state.config_path)
+
+
+def _typhon() -> Typhon:
+    from typhon.logging import configure_logging
+    from typhon.orchestrator import Typhon
+
+    config = _config()
+    configure_logging("debug" if _state.verbose else "warning")
+    return Typhon(config)
+
+
+@app.callback()
+def _main(
+    config: ConfigOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log to stderr.")] = False,
+) -> None:
+    _state.config_path = config
+    _state.verbose = verbose
+
+
+def _print_record(record: RunRecord, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(record.to_json()))
+        return
+    if record.output:
+        typer.echo(record.output)
+    if record.error:
+        typer.echo(f"error: run {record.id} {record.status.value}: {record.error}", err=True)
+    for path in record.artifacts:
+        typer.echo(f"artifact: {path}", err=True)
+
+
+def _follow(typhon: Typhon, handle: RunHandle, crew: str, timeout: float | None) -> RunRecord:
+    """Wait for the run, showing crew, current step and elapsed time on a live status line."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    started = time.monotonic()
+    step, last_event = "queued", 0
+    if not console.is_terminal:
+        return handle.wait(timeout)
+    with console.status("") as status:
+        while True:
+            for event in typhon.store.events(handle.run_id, after=last_event):
+                last_event = event.seq
+                step = str(event.data.get("name", event.kind))
+            record = typhon.store.get(handle.run_id)
+            elapsed = time.monotonic() - started
+            status.update(f"[bold]{crew}[/] · {step} · {elapsed:0.0f}s  [dim]{handle.run_id}[/]")
+            if record.status.finished:
+                return record
+            if timeout is not None and elapsed > timeout:
+                return handle.wait(0)
+            time.sleep(0.25)
+
+
+@app.command()
+def run(
+    crew: Annotated[str, typer.Argument(help="Crew to run, e.g. research.")],
+    input: Annotated[str, typer.Argument(help="What the crew should work on.")],
+    as_json: JsonOpt = False,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Print the run id and return.")] = False,
+    docs: Annotated[
+        Path | None, typer.Option("--docs", help="Folder of local documents for the crew.")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model alias to use.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds to wait.")] = None,
+) -> None:
+    """Run a crew and wait for its result (exit 0 only when it succeeded)."""
+    options: dict[str, Any] = {}
+    if docs is not None:
+        if not docs.is_dir():
+            _fail(f"--docs {docs} is not a folder; give a folder of text, Markdown or PDF files", 2)
+        options["docs"] = str(docs.resolve())
+    if model:
+        options["model"] = model
+    with _typhon() as typhon:
+        handle = typhon.submit(crew, input, **options)
+        if no_wait:
+            typer.echo(handle.run_id)
+            if typhon.embedded:  # nothing else would run it: finish before the process exits
+                handle.wait(timeout)
+            return
+        try:
+            record = _follow(typhon, handle, crew, timeout)
+        except KeyboardInterrupt:
+            handle.cancel()
+            typer.echo(f"cancelled run {handle.run_id}", err=True)
+            raise typer.Exit(130) from None
+    _print_record(record, as_json)
+    if record.status.value != "succeeded":
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(run_id: str, as_json: JsonOpt = False) -> None:
+    """Show one run."""
+    with _typhon() as typhon:
+        record = typhon.store.get(run_id)
+    if as_json:
+        typer.echo(json.dumps(record.to_json()))
+        return
+    typer.echo(
+        f"{record.id}  {record.crew}  {record.status.value}  model={record.model}"
+        f"  tokens={record.usage.total_tokens}"
+    )
+    _print_record(record, False)
+
+
+@app.command()
+def runs(
+    as_json: JsonOpt = False,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+    crew: Annotated[str | None, typer.Option(help="Only this crew.")] = None,
+) -> None:
+    """List recent runs."""
+    with _typhon() as typhon:
+        records = typhon.runs(limit=limit, crew=crew)
+    if as_json:
+        typer.echo(json.dumps([r.to_json() for r in records]))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("run_id", "crew", "status", "model", "created", "input")
+    for r in records:
+        table.add_row(
+            r.id, r.crew, r.status.value, r.model or "", r.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            r.input[:40],
+        )  # fmt: skip
+    Console().print(table)
+
+
+@app.command()
+def cancel(run_id: str) -> None:
+    """Cancel a queued or running run."""
+    with _typhon() as typhon:
+        if typhon.cancel(run_id):
+            typer.echo(f"cancelled {run_id}")
+            return
+        state = typhon.store.status(run_id).value
+    _fail(f"run {run_id} already finished ({state}); nothing to cancel", 1)
+
+
+@app.command()
+def worker(
+    pool: Annotated[str, typer.Option("--pool", help="Pool whose queue this worker serves.")],
+    cpuset: Annotated[
+        str | None, typer.Option("--cpuset", help="CPUs to pin to, overriding the pool's.")
+    ] = None,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Start a Celery worker for one pool (concurrency = the pool's cap)."""
+    from typhon.resources import format_cpuset, parse_cpuset
+
+    config = _config()
+    if not config.broker_url:
+        _fail("a worker needs broker_url (set it in typhon.yaml or TYPHON_BROKER_URL)", 2)
+    spec = config.pool(pool)
+    wanted = cpuset or spec.cpuset
+    if wanted:
+        try:
+            cpus = parse_cpuset(wanted)
+        except ValueError as exc:
+            _fail(f"--cpuset: {exc}", 2)
+        have = os.sched_getaffinity(0)
+        if not cpus <= have:
+            _fail(
+                f"pool '{pool}' wants CPUs {wanted}, but this host has {format_cpuset(have)};"
+                " pass --cpuset to override",
+                2,
+            )
+        os.sched_setaffinity(0, cpus)
+    if config.source:
+        os.environ["TYPHON_CONFIG"] = str(Path(config.source).resolve())
+    from typhon.logging import configure_logging
+    from workers.celery_app import create_app, worker_argv
+
+    configure_logging(config.log_level)
+    create_app(config).worker_main(worker_argv(config, pool, loglevel=loglevel))
+
+
+@config_app.command("show")
+def config_show() -> None:
+    """Print the effective configuration, secrets masked."""
+    import yaml
+
+    from typhon.config import masked
+
+    config = _config()
+    data = config.model_dump(mode="json", exclude={"source"})
+    data["database_url"] = config.effective_database_url
+    typer.echo(f"# source: {config.source or 'embedded defaults'}")
+    typer.echo(yaml.safe_dump(masked(data), sort_keys=False).rstrip())
+
+
+@config_app.command("check")
+def config_check() -> None:
+    """Check every configured service and endpoint: one line each."""
+    from typhon._checks import run_checks
+
+    results = run_checks(_config())
+    for ok, name, detail in results:
+        typer.echo(f"{'ok  ' if ok else 'FAIL'}  {name:<28} {detail}")
+    if not all(ok for ok, _, _ in results):
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    try:
+        app()
+    except TyphonError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,369 @@
+"""Typhon's configuration: ``typhon.yaml`` plus ``TYPHON_*`` variables, validated by pydantic.
+
+Where the file is looked for, first match wins:
+
+1. the path given explicitly (``--config PATH`` / ``Typhon.from_config(path)``),
+2. ``$TYPHON_CONFIG``,
+3. ``./typhon.yaml``,
+4. ``~/.config/typhon/typhon.yaml``,
+5. nothing: the embedded defaults (SQLite, in-process dispatch, a local llama-server).
+
+Any setting can be overridden by a variable: ``TYPHON_BROKER_URL``, ``TYPHON_DATABASE_URL``, and for
+nested keys a double underscore, e.g. ``TYPHON_ROUTING__SIMPLE=llama-7b``. Values are read as YAML
+scalars, so ``TYPHON_CREWS__RESEARCH__TIMEOUT_S=120`` is a number.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from typhon.errors import ConfigError
+from typhon.resources import parse_cpuset
+
+__all__ = [
+    "CATEGORIES",
+    "CrewSettings",
+    "LitellmParams",
+    "ModelEntry",
+    "ModelInfo",
+    "PoolConfig",
+    "TyphonConfig",
+    "default_home",
+    "find_config_file",
+    "load_config",
+    "masked",
+]
+
+CATEGORIES = ("simple", "complex", "code", "creative")
+Category = Literal["simple", "complex", "code", "creative"]
+LOCAL_ALIAS = "local"
+_SECRET_WORDS = ("api_key", "password", "secret", "token")
+
+
+def default_home() -> Path:
+    """``$TYPHON_HOME``, else ``~/.local/share/typhon``."""
+    env = os.environ.get("TYPHON_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".local" / "share" / "typhon"
+
+
+def _check_url(value: str | None, schemes: tuple[str, ...]) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    scheme = parts.scheme.split("+", 1)[0]
+    if scheme not in schemes:
+        raise ValueError(f"'{value}' is not a URL with scheme {' or '.join(schemes)}")
+    if scheme != "sqlite" and not parts.hostname:
+        raise ValueError(f"'{value}' has no host")
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LitellmParams(BaseModel):
+    """LiteLLM's ``litellm_params``. Unknown LiteLLM keys (rpm, tpm, ...) are kept, not refused.
+
+    ``model`` is ``PROVIDER/NAME``: ``openai/...`` for any OpenAI-compatible server (TabbyAPI,
+    llama-server, vLLM, a LiteLLM proxy), ``ollama/...`` for Ollama, and ``local/...`` for a
+    llama-server that Typhon starts itself from a GGUF file (the bundled model when none is named).
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    model: str
+    api_base: str | None = None
+    api_key: str | None = None
+    timeout: float | None = Field(default=None, gt=0)
+    max_retries: int | None = Field(default=None, ge=0)
+    # local/... only
+    model_path: str | None = None
+    threads: int = Field(default=1, ge=1)
+    parallel: int = Field(default=4, ge=1)
+    ctx_size: int = Field(default=32768, ge=512)
+
+    @field_validator("api_base")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        return _check_url(v, ("http", "https"))
+
+    @field_validator("model")
+    @classmethod
+    def _provider(cls, v: str) -> str:
+        if "/" not in v:
+            raise ValueError(f"'{v}' must be PROVIDER/NAME, e.g. openai/default or ollama/qwen2.5:7b")
+        return v
+
+    @property
+    def provider(self) -> str:
+        return self.model.split("/", 1)[0]
+
+    @property
+    def model_id(self) -> str:
+        return self.model.split("/", 1)[1]
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    description: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    parameters_b: float | None = Field(default=None, gt=0)
+    quantization_bits: float | None = Field(default=None, gt=0)
+    context_length: int | None = Field(default=None, ge=1)
+
+
+class ModelEntry(_Strict):
+    """One entry of a LiteLLM-style ``model_list``."""
+
+    model_name: str = Field(min_length=1)
+    litellm_params: LitellmParams
+    model_info: ModelInfo = Field(default_factory=ModelInfo)
+
+    @model_validator(mode="after")
+    def _needs_base(self) -> ModelEntry:
+        if self.litellm_params.provider != "local" and not self.litellm_params.api_base:
+            raise ValueError(f"model '{self.model_name}' needs litellm_params.api_base")
+        return self
+
+
+class PoolConfig(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[a-z][a-z0-9_-]*$")
+    queue: str = ""
+    cap: int = Field(ge=1)
+    cpuset: str | None = None
+
+    @field_validator("cpuset")
+    @classmethod
+    def _cpuset(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_cpuset(v)
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_queue(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("queue") and data.get("name"):
+            return {**data, "queue": data["name"]}
+        return data
+
+
+class CrewSettings(_Strict):
+    """Per-crew settings. ``model`` fixes the alias; otherwise routing by ``category`` decides."""
+
+    pool: str | None = None
+    model: str | None = None
+    category: Category = "simple"
+    timeout_s: float = Field(default=900, gt=0)
+    max_tokens: int = Field(default=512, ge=16)
+    temperature: float = Field(default=0.2, ge=0, le=2)
+
+
+def _default_models() -> list[ModelEntry]:
+    return [
+        ModelEntry(
+            model_name=LOCAL_ALIAS,
+            litellm_params=LitellmParams(model="local/gemma-3-270m"),
+            model_info=ModelInfo(
+                description="bundled gemma-3-270m on a llama-server that Typhon starts itself",
+                max_tokens=512,
+                parameters_b=0.27,
+                quantization_bits=4,
+                context_length=32768,
+            ),
+        )
+    ]
+
+
+def _default_pools() -> list[PoolConfig]:
+    return [
+        PoolConfig(name="research", cap=4),
+        PoolConfig(name="development", cap=2),
+        PoolConfig(name="creative", cap=2),
+        PoolConfig(name="monitoring", cap=4),
+    ]
+
+
+class TyphonConfig(_Strict):
+    """The effective configuration. ``source`` is the file it came from (None: defaults only)."""
+
+    home: Path = Field(default_factory=default_home)
+    database_url: str | None = None
+    broker_url: str | None = None
+    search_url: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    pools: list[PoolConfig] = Field(default_factory=_default_pools)
+    models: list[ModelEntry] = Field(default_factory=_default_models, alias="model_list")
+    router_settings: dict[str, Any] = Field(default_factory=dict)
+    routing: dict[Category, str] = Field(
+        default_factory=lambda: dict.fromkeys(CATEGORIES, LOCAL_ALIAS)
+    )
+    crews: dict[str, CrewSettings] = Field(default_factory=dict)
+    crew_modules: list[str] = Field(default_factory=list)
+    source: str | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("database_url")
+    @classmethod
+    def _db(cls, v: str | None) -> str | None:
+        return _check_url(v, ("sqlite", "postgresql", "postgres"))
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker(cls, v: str | None) -> str | None:
+        return _check_url(v, ("redis", "rediss", "amqp", "sqla", "memory"))
+
+    @field_validator("search_url")
+    @classmethod
+    def _search(cls, v: str | None) -> str | None:
+        return _check_url(v, ("http", "https"))
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> TyphonConfig:
+        aliases = [m.model_name for m in self.models]
+        for category, alias in self.routing.items():
+            if alias not in aliases:
+                raise ValueError(
+                    f"routing.{category} names model '{alias}', which is not in the model list"
+                    f" ({', '.join(aliases)})"
+                )
+        pools = [p.name for p in self.pools]
+        if len(set(pools)) != len(pools):
+            raise ValueError("pool names must be unique")
+        for name, crew in self.crews.items():
+            if crew.model is not None and crew.model not in aliases:
+                raise ValueError(f"crews.{name}.model '{crew.model}' is not in the model list")
+            if crew.pool is not None and crew.pool not in pools:
+                raise ValueError(f"crews.{name}.pool '{crew.pool}' is not a configured pool")
+        return self
+
+    # -- derived values ----------------------------------------------------------------------
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'typhon.db'}"
+
+    def model(self, alias: str) -> ModelEntry:
+        for entry in self.models:
+            if entry.model_name == alias:
+                return entry
+        known = ", ".join(m.model_name for m in self.models)
+        raise ConfigError(f"no model '{alias}' in the model list (known: {known})", key="models")
+
+    def pool(self, name: str) -> PoolConfig:
+        for pool in self.pools:
+            if pool.name == name:
+                return pool
+        known = ", ".join(p.name for p in self.pools)
+        raise ConfigError(f"no pool '{name}' (configured pools: {known})", key="pools")
+
+    def crew_settings(self, crew: str) -> CrewSettings:
+        return self.crews.get(crew) or CrewSettings()
+
+
+def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """The configuration file to read, in the documented order; None means defaults only."""
+    if explicit is not None:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError("file not found; check the --config path", source=str(path))
+        return path
+    env = os.environ.get("TYPHON_CONFIG")
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise ConfigError("file not found; fix or unset TYPHON_CONFIG", source=str(path))
+        return path
+    for candidate in (Path("typhon.yaml"), Path.home() / ".config" / "typhon" / "typhon.yaml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    fields = {name for name in TyphonConfig.model_fields if name != "source"} | {"model_list"}
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith("TYPHON_") or name == "TYPHON_CONFIG":
+            continue
+        path = name[len("TYPHON_") :].lower().split("__")
+        if path[0] not in fields:
+            continue
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> TyphonConfig:
+    """Find, read, merge with ``TYPHON_*`` variables and validate the configuration."""
+    environ = os.environ if environ is None else environ
+    file = find_config_file(path)
+    source = str(file) if file else "defaults"
+    data: dict[str, Any] = {}
+    if file is not None:
+        try:
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read YAML: {exc}".splitlines()[0], source=source) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("top level must be a mapping of settings", source=source)
+        data = loaded or {}
+    env = _env_overrides(environ)
+    if env:
+        data = _merge(data, env)
+        source = f"{source} + TYPHON_* variables"
+    data["source"] = str(file) if file else None
+    try:
+        return TyphonConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or None
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown setting; see `typhon config show` for the known ones"
+        raise ConfigError(message, source=source, key=key) from None
+
+
+def _mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def masked(value: Any, key: str = "") -> Any:
+    """A copy of a config dump with secrets replaced by ``***`` and URL passwords hidden."""
+    if isinstance(value, dict):
+        return {k: masked(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [masked(v, key) for v in value]
+    if isinstance(value, str):
+        if value and any(word in key.lower() for word in _SECRET_WORDS):
+            return "***"
+        if "://" in value:
+            return _mask_url(value)
+    return value

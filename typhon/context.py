@@ -1,0 +1,61 @@
+"""The typed context a crew runs with."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from typhon._types import RunStatus
+from typhon.config import CrewSettings, TyphonConfig
+from typhon.errors import RunCancelled
+from typhon.models import ModelClient
+from typhon.store import RunStore
+
+__all__ = ["RunContext"]
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
+
+
+@dataclass
+class RunContext:
+    """Everything a crew may use: its input, a model client, progress reporting, artifacts.
+
+    ``model`` records token usage on the run and raises :class:`RunCancelled` before a call
+    when the run was cancelled, so a crew needs no cancellation code of its own.
+    """
+
+    run_id: str
+    crew: str
+    input: str
+    options: dict[str, Any]
+    settings: CrewSettings
+    config: TyphonConfig
+    model: ModelClient
+    artifacts_dir: Path
+    store: RunStore
+    log: Any = field(default=None)
+    artifacts: dict[str, str | bytes] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.log is None:
+            self.log = structlog.get_logger("typhon.crew").bind(run_id=self.run_id, crew=self.crew)
+
+    def check_cancelled(self) -> None:
+        if self.store.status(self.run_id) is RunStatus.CANCELLED:
+            raise RunCancelled(self.run_id)
+
+    def step(self, name: str, **data: Any) -> None:
+        """Report progress (shown by ``typhon run``, kept in the run's events)."""
+        self.check_cancelled()
+        self.store.add_event(self.run_id, "step", {"name": name, **data})
+        self.log.info("step", step=name, **data)
+
+    def add_artifact(self, name: str, content: str | bytes) -> None:
+        """Keep a file with the run, written under ``$TYPHON_HOME/artifacts/RUN_ID/`` at the end."""
+        if not _SAFE_NAME.match(name):
+            raise ValueError(f"artifact name '{name}' must be a plain file name")
+        self.artifacts[name] = content

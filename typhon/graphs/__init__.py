@@ -1,0 +1,1 @@
+"""LangGraph graphs (the Development crew, checkpointing). Importing this package imports no langgraph."""

@@ -1,0 +1,1 @@
+"""The learning loop: activity capture, QA reviews, feedback, prompt and routing versions."""

@@ -1,0 +1,1 @@
+"""Memory tiers: working, episodic, semantic and model performance."""

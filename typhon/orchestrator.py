@@ -1,0 +1,208 @@
+"""The orchestrator: validate -> route -> record (queued) -> dispatch.
+
+``Typhon`` is the Python API and what the CLI and HTTP API call. With no ``broker_url`` runs go to
+an in-process dispatcher (threads, one bounded pool per worker pool, the same task code); with
+one, to the Celery queue of the crew's pool.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import structlog
+
+from typhon._runtime import Runtime, execute_run
+from typhon._types import RunRecord, RunRequest, RunStatus
+from typhon.config import TyphonConfig, load_config
+from typhon.crews import CrewRegistry
+from typhon.errors import DispatchError, InputError, RunTimeoutError, TyphonError
+from typhon.models import Route
+from typhon.store import RunStore
+
+__all__ = ["CeleryDispatcher", "Dispatcher", "InProcessDispatcher", "RunHandle", "Typhon"]
+
+log = structlog.get_logger("typhon")
+
+
+class Dispatcher(Protocol):
+    """Hands a recorded run to whatever executes it."""
+
+    def dispatch(self, run: RunRecord, queue: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class InProcessDispatcher:
+    """Runs crews on threads of this process, at most ``cap`` at a time per pool."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self._executors: dict[str, ThreadPoolExecutor] = {}
+        self._lock = threading.Lock()
+
+    def dispatch(self, run: RunRecord, queue: str) -> None:
+        with self._lock:
+            executor = self._executors.get(queue)
+            if executor is None:
+                cap = self.runtime.config.pool(run.pool).cap
+                executor = ThreadPoolExecutor(cap, thread_name_prefix=f"typhon-{queue}")
+                self._executors[queue] = executor
+        executor.submit(execute_run, self.runtime, run.id)
+
+    def close(self) -> None:
+        with self._lock:
+            executors, self._executors = list(self._executors.values()), {}
+        for executor in executors:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+
+class CeleryDispatcher:
+    """Publishes ``typhon.execute_run(run_id)`` to the pool's queue through the broker."""
+
+    def __init__(self, config: TyphonConfig):
+        from workers.celery_app import create_app
+
+        self.url = config.broker_url or ""
+        self.app = create_app(config)
+        self._checked = False
+
+    def check(self) -> None:
+        from workers.celery_app import check_broker
+
+        check_broker(self.app, self.url)
+        self._checked = True
+
+    def dispatch(self, run: RunRecord, queue: str) -> None:
+        from workers.celery_app import TASK_NAME, publish
+
+        if not self._checked:
+            self.check()
+        publish(self.app, self.url, TASK_NAME, run.id, queue)
+
+    def close(self) -> None:
+        self.app.pool.force_close_all()
+
+
+class RunHandle:
+    """A submitted run: poll it, wait for it, cancel it."""
+
+    def __init__(self, typhon: Typhon, run_id: str):
+        self._typhon = typhon
+        self.run_id = run_id
+
+    def __repr__(self) -> str:
+        return f"RunHandle({self.run_id!r})"
+
+    def status(self) -> RunStatus:
+        return self._typhon.store.status(self.run_id)
+
+    def result(self) -> RunRecord:
+        return self._typhon.store.get(self.run_id)
+
+    def cancel(self) -> bool:
+        return self._typhon.cancel(self.run_id)
+
+    def wait(self, timeout: float | None = None, *, poll_s: float = 0.1) -> RunRecord:
+        """Block until the run finishes; RunTimeoutError after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = min(poll_s, 0.02)
+        while True:
+            record = self._typhon.store.get(self.run_id)
+            if record.status.finished:
+                return record
+            if deadline is not None and time.monotonic() >= deadline:
+                raise RunTimeoutError(self.run_id, timeout or 0)
+            time.sleep(delay)
+            delay = min(delay * 2, poll_s)
+
+
+class Typhon:
+    """Submit crews, follow runs. ``Typhon.from_config()`` reads typhon.yaml and TYPHON_* vars."""
+
+    def __init__(
+        self,
+        config: TyphonConfig | None = None,
+        *,
+        registry: CrewRegistry | None = None,
+        store: RunStore | None = None,
+        dispatcher: Dispatcher | None = None,
+    ):
+        self.config = config or TyphonConfig()
+        self.runtime = Runtime(self.config, store=store, registry=registry)
+        self.store = self.runtime.store
+        self.crews = self.runtime.registry
+        self.dispatcher = dispatcher or (
+            CeleryDispatcher(self.config) if self.config.broker_url else InProcessDispatcher(self.runtime)
+        )
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str] | None = None, **kwargs: Any) -> Typhon:
+        return cls(load_config(path), **kwargs)
+
+    def __enter__(self) -> Typhon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.dispatcher.close()
+        self.runtime.close()
+
+    @property
+    def embedded(self) -> bool:
+        return isinstance(self.dispatcher, InProcessDispatcher)
+
+    def route_for(self, crew: str, model: str | None = None) -> Route:
+        """The model a run of ``crew`` would use: an explicit alias, the crew's fixed model, or
+        the routing rule for the crew's category."""
+        cls = self.crews.get(crew)
+        settings = self.config.crew_settings(crew)
+        alias = model or settings.model or cls.model
+        if alias is not None:
+            self.config.model(alias)
+            return Route(settings.category, alias, self.runtime.models.endpoint(alias), "fixed")
+        return self.runtime.models.route(cls.category)
+
+    def submit(self, crew: str, input: str, **options: Any) -> RunHandle:
+        """Validate, route, record the run as queued and dispatch it. Bad input stores nothing."""
+        cls = self.crews.get(crew)
+        model = options.pop("model", None)
+        request = RunRequest.create(crew, input, options)
+        if model is not None and not isinstance(model, str):
+            raise InputError("model must be an alias from the model list")
+        try:
+            route = self.route_for(crew, model)
+        except TyphonError as exc:
+            raise InputError(str(exc)) from None
+        pool = self.config.pool(self.config.crew_settings(crew).pool or cls.pool)
+        record = self.store.create_run(
+            crew=crew,
+            input=request.input,
+            pool=pool.name,
+            options=request.options,
+            model=route.model,
+            backend=route.backend,
+        )
+        try:
+            self.dispatcher.dispatch(record, pool.queue)
+        except DispatchError as exc:
+            self.store.finish(record.id, RunStatus.FAILED, error=str(exc))
+            raise
+        log.info("run queued", run_id=record.id, crew=crew, pool=pool.name, model=route.model)
+        return RunHandle(self, record.id)
+
+    def run(self, run_id: str) -> RunHandle:
+        self.store.status(run_id)  # raises RunNotFoundError
+        return RunHandle(self, run_id)
+
+    def runs(self, *, limit: int = 50, crew: str | None = None) -> list[RunRecord]:
+        return self.store.list(limit=limit, crew=crew)
+
+    def cancel(self, run_id: str) -> bool:
+        """Cancel a queued or running run; False when it had already finished."""
+        return self.store.cancel(run_id)

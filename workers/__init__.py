@@ -1,0 +1,1 @@
+"""Celery side of Typhon: the app, its one task, pool start-up."""

@@ -1,0 +1,101 @@
+"""The Celery app: one queue per pool, one task (``typhon.execute_run``), late acks, prefetch 1.
+
+The task carries only the run id; the run itself lives in the run store, so a redelivered message
+finds the run already taken or finished and records nothing twice.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_shutdown
+from kombu import Queue
+
+from typhon._runtime import Runtime, execute_run
+from typhon.config import TyphonConfig, load_config
+from typhon.errors import BrokerUnavailableError
+
+__all__ = ["TASK_NAME", "check_broker", "create_app", "publish", "worker_argv"]
+
+TASK_NAME = "typhon.execute_run"
+_CONNECT_TIMEOUT_S = 3.0
+
+# One runtime per worker process (prefork child), built on its first task.
+_runtime: Runtime | None = None
+
+
+def _process_runtime() -> Runtime:
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime(load_config(os.environ.get("TYPHON_CONFIG") or None))
+    return _runtime
+
+
+@worker_process_shutdown.connect
+def _close_runtime(**_: Any) -> None:
+    global _runtime
+    if _runtime is not None:
+        _runtime.close()
+        _runtime = None
+
+
+def create_app(config: TyphonConfig) -> Celery:
+    app = Celery("typhon", broker=config.broker_url, set_as_current=False)
+    longest = max([c.timeout_s for c in config.crews.values()] + [900.0])
+    app.conf.update(
+        task_queues=[Queue(p.queue) for p in config.pools],
+        task_default_queue=config.pools[0].queue if config.pools else "research",
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_transport_options={"visibility_timeout": int(longest * 2 + 60)},
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=_CONNECT_TIMEOUT_S,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+
+    @app.task(name=TASK_NAME, ignore_result=True)  # type: ignore[untyped-decorator]
+    def run_task(run_id: str) -> str:
+        return execute_run(_process_runtime(), run_id).value
+
+    return app
+
+
+def check_broker(app: Celery, url: str) -> None:
+    """Raise BrokerUnavailableError unless the broker answers within a few seconds."""
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=_CONNECT_TIMEOUT_S)
+    except (OSError, socket.timeout) as exc:
+        raise BrokerUnavailableError(url, str(exc) or type(exc).__name__) from None
+    except Exception as exc:  # kombu wraps transport errors in its own types
+        raise BrokerUnavailableError(url, str(exc) or type(exc).__name__) from None
+
+
+def publish(app: Celery, url: str, task: str, run_id: str, queue: str) -> None:
+    try:
+        app.send_task(task, args=[run_id], queue=queue, retry=False)
+    except Exception as exc:
+        raise BrokerUnavailableError(url, str(exc) or type(exc).__name__) from None
+
+
+def worker_argv(config: TyphonConfig, pool_name: str, *, loglevel: str = "INFO") -> list[str]:
+    """argv for ``celery worker`` serving one pool: its queue, concurrency = its cap."""
+    pool = config.pool(pool_name)
+    return [
+        "worker",
+        f"--queues={pool.queue}",
+        f"--concurrency={pool.cap}",
+        f"--hostname={pool.name}@%h",
+        f"--loglevel={loglevel}",
+        "--prefetch-multiplier=1",
+        "--without-gossip",
+        "--without-mingle",
+    ]
