@@ -37,7 +37,32 @@ _EXPORTS = {
     "RunCancelled": "typhon.errors",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+__all__ = [
+    "BrokerUnavailableError",
+    "ConfigError",
+    "Crew",
+    "CrewOutput",
+    "CrewRegistry",
+    "InputError",
+    "ModelError",
+    "ModelUnavailableError",
+    "RunCancelled",
+    "RunContext",
+    "RunHandle",
+    "RunNotFoundError",
+    "RunRecord",
+    "RunRequest",
+    "RunStatus",
+    "RunTimeoutError",
+    "Typhon",
+    "TyphonConfig",
+    "TyphonError",
+    "UnknownCrewError",
+    "Usage",
+    "__version__",
+    "crew",
+    "load_config",
+]
 
 if TYPE_CHECKING:
     from typhon._types import RunRecord, RunRequest, RunStatus, Usage

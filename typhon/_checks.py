@@ -54,8 +54,9 @@ def _model(entry: ModelEntry) -> str:
 
 
 def _search(url: str) -> str:
-    response = httpx.get(url.rstrip("/") + "/search", params={"q": "typhon", "format": "json"},
-                         timeout=_TIMEOUT)  # fmt: skip
+    response = httpx.get(
+        url.rstrip("/") + "/search", params={"q": "typhon", "format": "json"}, timeout=_TIMEOUT
+    )
     if response.status_code >= 400:
         raise RuntimeError(f"{url} answered {response.status_code}; enable the json format")
     return f"{url} answers JSON searches"

@@ -111,7 +111,9 @@ def _run(
         artifacts = _write_artifacts(
             runtime.artifacts_root, run_id, {**ctx.artifacts, **output.artifacts}
         )
-        recorded = store.finish(run_id, RunStatus.SUCCEEDED, output=output.text, artifacts=artifacts)
+        recorded = store.finish(
+            run_id, RunStatus.SUCCEEDED, output=output.text, artifacts=artifacts
+        )
         outcome = RunStatus.SUCCEEDED
     except RunCancelled:
         recorded = store.cancel(run_id)

@@ -22,7 +22,7 @@ __all__ = [
 MAX_INPUT_CHARS = 20_000
 
 
-class RunStatus(str, enum.Enum):
+class RunStatus(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"

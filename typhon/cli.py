@@ -112,7 +112,9 @@ def run(
     crew: Annotated[str, typer.Argument(help="Crew to run, e.g. research.")],
     input: Annotated[str, typer.Argument(help="What the crew should work on.")],
     as_json: JsonOpt = False,
-    no_wait: Annotated[bool, typer.Option("--no-wait", help="Print the run id and return.")] = False,
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="Print the run id and return.")
+    ] = False,
     docs: Annotated[
         Path | None, typer.Option("--docs", help="Folder of local documents for the crew.")
     ] = None,
@@ -178,9 +180,13 @@ def runs(
     table = Table("run_id", "crew", "status", "model", "created", "input")
     for r in records:
         table.add_row(
-            r.id, r.crew, r.status.value, r.model or "", r.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            r.id,
+            r.crew,
+            r.status.value,
+            r.model or "",
+            r.created_at.strftime("%Y-%m-%d %H:%M:%S"),
             r.input[:40],
-        )  # fmt: skip
+        )
     Console().print(table)
 
 

@@ -99,7 +99,9 @@ class LitellmParams(BaseModel):
     @classmethod
     def _provider(cls, v: str) -> str:
         if "/" not in v:
-            raise ValueError(f"'{v}' must be PROVIDER/NAME, e.g. openai/default or ollama/qwen2.5:7b")
+            raise ValueError(
+                f"'{v}' must be PROVIDER/NAME, e.g. openai/default or ollama/qwen2.5:7b"
+            )
         return v
 
     @property
@@ -192,6 +194,15 @@ def _default_pools() -> list[PoolConfig]:
     ]
 
 
+def _default_routing() -> dict[Category, str]:
+    return {
+        "simple": LOCAL_ALIAS,
+        "complex": LOCAL_ALIAS,
+        "code": LOCAL_ALIAS,
+        "creative": LOCAL_ALIAS,
+    }
+
+
 class TyphonConfig(_Strict):
     """The effective configuration. ``source`` is the file it came from (None: defaults only)."""
 
@@ -203,9 +214,7 @@ class TyphonConfig(_Strict):
     pools: list[PoolConfig] = Field(default_factory=_default_pools)
     models: list[ModelEntry] = Field(default_factory=_default_models, alias="model_list")
     router_settings: dict[str, Any] = Field(default_factory=dict)
-    routing: dict[Category, str] = Field(
-        default_factory=lambda: dict.fromkeys(CATEGORIES, LOCAL_ALIAS)
-    )
+    routing: dict[Category, str] = Field(default_factory=lambda: _default_routing())
     crews: dict[str, CrewSettings] = Field(default_factory=dict)
     crew_modules: list[str] = Field(default_factory=list)
     source: str | None = None

@@ -48,7 +48,7 @@ class TyphonError(Exception):
 
 
 class ConfigError(TyphonError):
-    """The configuration is invalid. ``source`` names the file (or variable), ``key`` the setting."""
+    """The configuration is invalid. ``source`` names the file, ``key`` the setting."""
 
     code = "invalid_config"
     exit_code = 2
@@ -97,7 +97,8 @@ class BrokerUnavailableError(DispatchError):
     def __init__(self, url: str, reason: str = ""):
         self.url = url
         super().__init__(
-            f"cannot reach broker at {url}" + (f" ({reason})" if reason else "")
+            f"cannot reach broker at {url}"
+            + (f" ({reason})" if reason else "")
             + "; start it or unset broker_url to run in-process"
         )
 
@@ -133,7 +134,7 @@ class RunTimeoutError(TyphonError):
         super().__init__(f"run {run_id} did not finish within {timeout:g}s; it keeps running")
 
 
-class RunCancelled(Exception):  # noqa: N818 - a signal, not an error
+class RunCancelled(Exception):
     """Raised inside a crew's thread when its run was cancelled; not a failure."""
 
     def __init__(self, run_id: str):

@@ -1,4 +1,7 @@
-"""structlog set-up: coloured lines on a terminal, JSON lines otherwise; ``run_id`` bound per run."""
+"""structlog set-up: coloured lines on a terminal, JSON lines otherwise.
+
+``run_id`` is bound (contextvars) on every line a run logs.
+"""
 
 from __future__ import annotations
 

@@ -136,7 +136,9 @@ class Typhon:
         self.store = self.runtime.store
         self.crews = self.runtime.registry
         self.dispatcher = dispatcher or (
-            CeleryDispatcher(self.config) if self.config.broker_url else InProcessDispatcher(self.runtime)
+            CeleryDispatcher(self.config)
+            if self.config.broker_url
+            else InProcessDispatcher(self.runtime)
         )
 
     @classmethod
@@ -201,7 +203,7 @@ class Typhon:
         return RunHandle(self, run_id)
 
     def runs(self, *, limit: int = 50, crew: str | None = None) -> list[RunRecord]:
-        return self.store.list(limit=limit, crew=crew)
+        return self.store.list_runs(limit=limit, crew=crew)
 
     def cancel(self, run_id: str) -> bool:
         """Cancel a queued or running run; False when it had already finished."""

@@ -143,7 +143,7 @@ class RunStore:
 
     # -- schema ----------------------------------------------------------------------------------
     def migrate(self) -> int:
-        """Apply pending migrations; returns the schema version. Safe to call from many processes."""
+        """Apply pending migrations; return the schema version. Safe from many processes."""
         with self.engine.begin() as conn:
             if self.dialect == "postgresql":
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(7301001)"))
@@ -206,7 +206,7 @@ class RunStore:
             raise RunNotFoundError(run_id)
         return _record(row)
 
-    def list(
+    def list_runs(
         self, *, limit: int = 50, crew: str | None = None, status: RunStatus | None = None
     ) -> list[RunRecord]:
         query = sa.select(runs).order_by(runs.c.created_at.desc(), runs.c.id).limit(limit)
@@ -277,7 +277,9 @@ class RunStore:
 
     def set_route(self, run_id: str, *, model: str, backend: str) -> None:
         with self._tx() as conn:
-            conn.execute(runs.update().where(runs.c.id == run_id).values(model=model, backend=backend))
+            conn.execute(
+                runs.update().where(runs.c.id == run_id).values(model=model, backend=backend)
+            )
 
     def add_usage(self, run_id: str, usage: Usage) -> None:
         """Add one model call's usage to the run's totals (atomic increment)."""
@@ -331,7 +333,10 @@ def _record(row: Any) -> RunRecord:
         output=row["output"],
         error=row["error"],
         usage=Usage(
-            row["prompt_tokens"], row["completion_tokens"], row["model_calls"], row["model_latency_s"]
+            row["prompt_tokens"],
+            row["completion_tokens"],
+            row["model_calls"],
+            row["model_latency_s"],
         ),
         artifacts=list(row["artifacts"] or []),
         attempts=row["attempts"],

@@ -17,11 +17,11 @@ os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("CREWAI_TRACING_ENABLED", "false")
 os.environ.setdefault("CREWAI_DISABLE_VERSION_CHECK", "true")
 
-from crewai.llms.base_llm import BaseLLM  # noqa: E402
-from pydantic import PrivateAttr  # noqa: E402
+from crewai.llms.base_llm import BaseLLM
+from pydantic import PrivateAttr
 
-from typhon.errors import ModelError  # noqa: E402
-from typhon.models import ModelClient  # noqa: E402
+from typhon.errors import ModelError
+from typhon.models import ModelClient
 
 __all__ = ["TyphonLLM", "prepare_crewai"]
 
@@ -36,8 +36,11 @@ def prepare_crewai(home: Path) -> None:
 def _plain(message: Any) -> dict[str, Any]:
     if not isinstance(message, dict):
         return {"role": "user", "content": str(message)}
-    out = {k: message[k] for k in ("role", "content", "tool_calls", "tool_call_id", "name")
-           if k in message and message[k] is not None}  # fmt: skip
+    out = {
+        k: message[k]
+        for k in ("role", "content", "tool_calls", "tool_call_id", "name")
+        if k in message and message[k] is not None
+    }
     if not isinstance(out.get("content", ""), str):
         out["content"] = json.dumps(out["content"])
     return out
@@ -53,10 +56,15 @@ class TyphonLLM(BaseLLM):
     _errors: list[ModelError] = PrivateAttr(default_factory=list)
 
     @classmethod
-    def wrap(cls, client: ModelClient, *, max_tokens: int, temperature: float,
-             context_window: int = 8192) -> TyphonLLM:  # fmt: skip
-        llm = cls(model=client.alias, max_tokens=max_tokens, temperature=temperature,
-                  context_window=context_window)  # fmt: skip
+    def wrap(
+        cls, client: ModelClient, *, max_tokens: int, temperature: float, context_window: int = 8192
+    ) -> TyphonLLM:
+        llm = cls(
+            model=client.alias,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            context_window=context_window,
+        )
         llm._client = client
         return llm
 

@@ -61,8 +61,12 @@ class SourceBook:
                 "## Sources\n\nNone: no search service is configured (`search_url`) and no"
                 " documents folder was given (`--docs`), so this brief rests on the model alone."
             )
-        lines = [f"{i}. [{s.title}]({s.location})" if "://" in s.location
-                 else f"{i}. {s.title} — `{s.location}`" for i, s in enumerate(items, 1)]  # fmt: skip
+        lines = [
+            f"{i}. [{s.title}]({s.location})"
+            if "://" in s.location
+            else f"{i}. {s.title}: `{s.location}`"
+            for i, s in enumerate(items, 1)
+        ]
         return "## Sources\n\n" + "\n".join(lines)
 
 
@@ -75,7 +79,7 @@ def _format(results: list[tuple[int, Source]]) -> str:
 def searxng_search(
     search_url: str, query: str, book: SourceBook, *, limit: int = 5, timeout: float = 15.0
 ) -> str:
-    """Query SearXNG's JSON API (``GET /search?q=...&format=json``); the results as numbered text."""
+    """Query SearXNG's JSON API (``GET /search?format=json``); the results as numbered text."""
     url = search_url.rstrip("/") + "/search"
     try:
         response = httpx.get(url, params={"q": query, "format": "json"}, timeout=timeout)
@@ -178,7 +182,10 @@ class DocumentIndex:
         for _, i in scored[:limit]:
             path, chunk, _ = self._chunks[i]
             rel = path.relative_to(self.folder)
-            source = Source(title=rel.stem.replace("_", " ").replace("-", " "), location=str(path),
-                            snippet=chunk[:800])  # fmt: skip
+            source = Source(
+                title=rel.stem.replace("_", " ").replace("-", " "),
+                location=str(path),
+                snippet=chunk[:800],
+            )
             found.append((book.add(source), source))
         return _format(found)

@@ -76,9 +76,10 @@ def compose_brief(topic: str, text: str, book: SourceBook) -> str:
 def gather(ctx: RunContext, book: SourceBook, index: DocumentIndex | None) -> str:
     """Search and read for the topic before the agents start; the material as numbered text."""
     parts: list[str] = []
-    if ctx.config.search_url:
+    search_url = ctx.config.search_url
+    if search_url:
         try:
-            parts.append(searxng_search(ctx.config.search_url, ctx.input, book))
+            parts.append(searxng_search(search_url, ctx.input, book))
         except SearchError as exc:
             ctx.log.warning("search failed", error=str(exc))
             parts.append(f"(web search failed: {exc})")
@@ -104,8 +105,8 @@ def _tools(ctx: RunContext, book: SourceBook, index: DocumentIndex | None) -> li
     from crewai.tools import BaseTool
 
     tools: list[Any] = []
-    search_url = ctx.config.search_url
-    if search_url:
+    if ctx.config.search_url:
+        search_url: str = ctx.config.search_url
 
         class WebSearch(BaseTool):  # type: ignore[misc]
             name: str = "web_search"
@@ -149,14 +150,20 @@ class ResearchCrew(Crew):
         from typhon.crews._crewai import TyphonLLM, prepare_crewai
 
         prepare_crewai(ctx.config.home)
-        llm = TyphonLLM.wrap(ctx.model, max_tokens=ctx.settings.max_tokens,
-                             temperature=ctx.settings.temperature)  # fmt: skip
+        llm = TyphonLLM.wrap(
+            ctx.model, max_tokens=ctx.settings.max_tokens, temperature=ctx.settings.temperature
+        )
         agents = {
             key: Agent(
-                role=PROMPTS[key]["role"], goal=PROMPTS[key]["goal"],
-                backstory=PROMPTS[key]["backstory"], llm=llm, max_iter=3, allow_delegation=False,
-                tools=_tools(ctx, book, index) if key == "researcher" else [], verbose=False,
-            )  # fmt: skip
+                role=PROMPTS[key]["role"],
+                goal=PROMPTS[key]["goal"],
+                backstory=PROMPTS[key]["backstory"],
+                llm=llm,
+                max_iter=3,
+                allow_delegation=False,
+                tools=_tools(ctx, book, index) if key == "researcher" else [],
+                verbose=False,
+            )
             for key in ("researcher", "analyst", "writer")
         }
         order = list(agents)
@@ -172,8 +179,13 @@ class ResearchCrew(Crew):
                     callback=(lambda _out, n=nxt: ctx.step(n)) if nxt else None,
                 )
             )
-        crew = Crew(agents=list(agents.values()), tasks=tasks, process=Process.sequential,
-                    verbose=False, memory=False)  # fmt: skip
+        crew = Crew(
+            agents=list(agents.values()),
+            tasks=tasks,
+            process=Process.sequential,
+            verbose=False,
+            memory=False,
+        )
         ctx.step("researcher")
         try:
             result = crew.kickoff(inputs={"topic": ctx.input, "material": material})
@@ -183,7 +195,8 @@ class ResearchCrew(Crew):
                 raise llm.model_errors[-1] from None
             raise
         ctx.check_cancelled()
-        if llm.model_errors and not str(result.raw).strip():
+        text = str(getattr(result, "raw", "") or "")
+        if llm.model_errors and not text.strip():
             raise llm.model_errors[-1]
-        brief = compose_brief(ctx.input, str(result.raw), book)
+        brief = compose_brief(ctx.input, text, book)
         return CrewOutput(brief, {"brief.md": brief})

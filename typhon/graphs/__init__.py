@@ -1,1 +1,4 @@
-"""LangGraph graphs (the Development crew, checkpointing). Importing this package imports no langgraph."""
+"""LangGraph graphs (the Development crew, checkpointing).
+
+Importing this package imports no langgraph.
+"""

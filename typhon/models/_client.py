@@ -243,16 +243,15 @@ class OpenAICompatibleClient:
                 raise self._down(f"answered {response.status_code} after {attempt + 1} tries")
             if response.status_code >= 400:
                 response.read()
-                raise self._bad(f"refused the request ({response.status_code}): {response.text[:200]}")
+                raise self._bad(
+                    f"refused the request ({response.status_code}): {response.text[:200]}"
+                )
             return response
 
     def _sleep(self, attempt: int, retry_after: str | None) -> None:
         delay = self.backoff_s * (2**attempt) * (1 + random.random() / 4)
-        if retry_after:
-            try:
-                delay = max(delay, min(float(retry_after), 30.0))
-            except ValueError:
-                pass
+        if retry_after and retry_after.replace(".", "", 1).isdigit():
+            delay = max(delay, min(float(retry_after), 30.0))
         time.sleep(delay)
 
     def _down(self, what: str) -> ModelUnavailableError:

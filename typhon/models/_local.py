@@ -121,7 +121,7 @@ class LocalServer:
         return None
 
     def ensure(self) -> str:
-        """The base URL (``http://127.0.0.1:PORT/v1``) of a healthy server, starting one if need be."""
+        """The ``http://127.0.0.1:PORT/v1`` base of a healthy server, starting one if need be."""
         if self.url and _healthy(self.url):
             return f"{self.url}/v1"
         self._state_file.parent.mkdir(parents=True, exist_ok=True)
@@ -147,15 +147,34 @@ class LocalServer:
                 f"model '{self.alias}' cannot start: {exc}", alias=self.alias, url="local"
             ) from None
         cmd = [
-            binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-            "-t", str(params.threads), "-np", str(params.parallel), "-c", str(params.ctx_size),
-            "--jinja", "--chat-template-file", str(template), "--alias", self.alias, "--no-webui",
-        ]  # fmt: skip
+            binary,
+            "-m",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-t",
+            str(params.threads),
+            "-np",
+            str(params.parallel),
+            "-c",
+            str(params.ctx_size),
+            "--jinja",
+            "--chat-template-file",
+            str(template),
+            "--alias",
+            self.alias,
+            "--no-webui",
+        ]
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
-            )  # fmt: skip
+            )
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + _READY_TIMEOUT_S
         while not _healthy(url):
