@@ -20,7 +20,7 @@ from typhon._types import RunRecord, RunRequest, RunStatus
 from typhon.config import TyphonConfig, load_config
 from typhon.crews import CrewRegistry
 from typhon.errors import DispatchError, InputError, RunTimeoutError, TyphonError
-from typhon.models import Route
+from typhon.models import ModelRegistry, Route
 from typhon.store import RunStore
 
 __all__ = ["CeleryDispatcher", "Dispatcher", "InProcessDispatcher", "RunHandle", "Typhon"]
@@ -129,10 +129,11 @@ class Typhon:
         *,
         registry: CrewRegistry | None = None,
         store: RunStore | None = None,
+        models: ModelRegistry | None = None,
         dispatcher: Dispatcher | None = None,
     ):
         self.config = config or TyphonConfig()
-        self.runtime = Runtime(self.config, store=store, registry=registry)
+        self.runtime = Runtime(self.config, store=store, registry=registry, models=models)
         self.store = self.runtime.store
         self.crews = self.runtime.registry
         self.dispatcher = dispatcher or (
