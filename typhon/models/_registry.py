@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from typhon.config import Category, ModelEntry, TyphonConfig
-from typhon.models._client import OpenAICompatibleClient
+from typhon.models._client import ModelClient, OpenAICompatibleClient
 from typhon.models._local import LocalServer
 
 __all__ = ["ModelRegistry", "Route", "endpoint_of"]
@@ -55,7 +55,7 @@ class ModelRegistry:
     def endpoint(self, alias: str) -> str:
         return endpoint_of(self.config.model(alias))
 
-    def client(self, alias: str) -> OpenAICompatibleClient:
+    def client(self, alias: str) -> ModelClient:
         with self._lock:
             if alias in self._clients:
                 return self._clients[alias]
