@@ -54,11 +54,20 @@ class TyphonLLM(BaseLLM):
     context_window: int = 8192
     _client: Any = PrivateAttr(default=None)
     _errors: list[ModelError] = PrivateAttr(default_factory=list)
+    _on_agent: Any = PrivateAttr(default=None)
+    _agent: str | None = PrivateAttr(default=None)
 
     @classmethod
     def wrap(
-        cls, client: ModelClient, *, max_tokens: int, temperature: float, context_window: int = 8192
+        cls,
+        client: ModelClient,
+        *,
+        max_tokens: int,
+        temperature: float,
+        context_window: int = 8192,
+        on_agent: Callable[[str], None] | None = None,
     ) -> TyphonLLM:
+        """``on_agent(role)`` is called when a new agent makes its first model call."""
         llm = cls(
             model=client.alias,
             max_tokens=max_tokens,
@@ -66,6 +75,7 @@ class TyphonLLM(BaseLLM):
             context_window=context_window,
         )
         llm._client = client
+        llm._on_agent = on_agent
         return llm
 
     @property
@@ -91,6 +101,11 @@ class TyphonLLM(BaseLLM):
     ) -> Any:
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
+        role = getattr(from_agent, "role", None)
+        if role and role != self._agent:
+            self._agent = role
+            if self._on_agent is not None:
+                self._on_agent(str(role).lower())
         try:
             result = self._client.chat(
                 [_plain(m) for m in messages],

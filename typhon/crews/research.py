@@ -151,7 +151,10 @@ class ResearchCrew(Crew):
 
         prepare_crewai(ctx.config.home)
         llm = TyphonLLM.wrap(
-            ctx.model, max_tokens=ctx.settings.max_tokens, temperature=ctx.settings.temperature
+            ctx.model,
+            max_tokens=ctx.settings.max_tokens,
+            temperature=ctx.settings.temperature,
+            on_agent=ctx.step,
         )
         agents = {
             key: Agent(
@@ -166,17 +169,14 @@ class ResearchCrew(Crew):
             )
             for key in ("researcher", "analyst", "writer")
         }
-        order = list(agents)
         tasks: list[Any] = []
-        for i, key in enumerate(order):
-            nxt = order[i + 1] if i + 1 < len(order) else None
+        for key, agent in agents.items():
             tasks.append(
                 Task(
                     description=PROMPTS[key]["task"],
                     expected_output=PROMPTS[key]["expected_output"],
-                    agent=agents[key],
+                    agent=agent,
                     context=list(tasks[-1:]),
-                    callback=(lambda _out, n=nxt: ctx.step(n)) if nxt else None,
                 )
             )
         crew = Crew(
@@ -186,7 +186,6 @@ class ResearchCrew(Crew):
             verbose=False,
             memory=False,
         )
-        ctx.step("researcher")
         try:
             result = crew.kickoff(inputs={"topic": ctx.input, "material": material})
         except Exception:
