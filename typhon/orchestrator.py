@@ -8,9 +8,9 @@ one, to the Celery queue of the crew's pool.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import structlog
@@ -31,33 +31,51 @@ log = structlog.get_logger("typhon")
 class Dispatcher(Protocol):
     """Hands a recorded run to whatever executes it."""
 
-    def dispatch(self, run: RunRecord, queue: str) -> None: ...
+    def dispatch(self, run: RunRecord, queue_name: str) -> None: ...
 
     def close(self) -> None: ...
 
 
 class InProcessDispatcher:
-    """Runs crews on threads of this process, at most ``cap`` at a time per pool."""
+    """Runs crews on daemon threads of this process, at most ``cap`` at a time per pool.
+
+    Daemon threads, so that Ctrl-C ends the process at once: the run is marked cancelled first,
+    and a run cut off by the process ending is never recorded as anything else.
+    """
 
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
-        self._executors: dict[str, ThreadPoolExecutor] = {}
+        self._queues: dict[str, queue.SimpleQueue[str | None]] = {}
+        self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
 
-    def dispatch(self, run: RunRecord, queue: str) -> None:
+    def _worker(self, work: queue.SimpleQueue[str | None]) -> None:
+        while (run_id := work.get()) is not None:
+            execute_run(self.runtime, run_id)
+
+    def dispatch(self, run: RunRecord, queue_name: str) -> None:
         with self._lock:
-            executor = self._executors.get(queue)
-            if executor is None:
-                cap = self.runtime.config.pool(run.pool).cap
-                executor = ThreadPoolExecutor(cap, thread_name_prefix=f"typhon-{queue}")
-                self._executors[queue] = executor
-        executor.submit(execute_run, self.runtime, run.id)
+            work = self._queues.get(queue_name)
+            if work is None:
+                work = self._queues[queue_name] = queue.SimpleQueue()
+                for i in range(self.runtime.config.pool(run.pool).cap):
+                    thread = threading.Thread(
+                        target=self._worker,
+                        args=(work,),
+                        name=f"typhon-{queue_name}-{i}",
+                        daemon=True,
+                    )
+                    thread.start()
+                    self._threads.append(thread)
+        work.put(run.id)
 
     def close(self) -> None:
         with self._lock:
-            executors, self._executors = list(self._executors.values()), {}
-        for executor in executors:
-            executor.shutdown(wait=False, cancel_futures=True)
+            for work in self._queues.values():
+                for _ in range(len(self._threads)):
+                    work.put(None)
+            self._queues.clear()
+            self._threads.clear()
 
 
 class CeleryDispatcher:
@@ -76,12 +94,12 @@ class CeleryDispatcher:
         check_broker(self.app, self.url)
         self._checked = True
 
-    def dispatch(self, run: RunRecord, queue: str) -> None:
+    def dispatch(self, run: RunRecord, queue_name: str) -> None:
         from workers.celery_app import TASK_NAME, publish
 
         if not self._checked:
             self.check()
-        publish(self.app, self.url, TASK_NAME, run.id, queue)
+        publish(self.app, self.url, TASK_NAME, run.id, queue_name)
 
     def close(self) -> None:
         self.app.pool.force_close_all()

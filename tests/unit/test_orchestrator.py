@@ -175,7 +175,7 @@ def test_cancel_queued_run_is_never_started(config: TyphonConfig, registry: Crew
         def __init__(self) -> None:
             self.runs: list[str] = []
 
-        def dispatch(self, run: object, queue: str) -> None:
+        def dispatch(self, run: object, queue_name: str) -> None:
             self.runs.append(run.id)  # type: ignore[attr-defined]
 
         def close(self) -> None:
