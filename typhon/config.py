@@ -221,6 +221,12 @@ class TyphonConfig(_Strict):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    @field_validator("routing", mode="before")
+    @classmethod
+    def _routing_defaults(cls, v: Any) -> Any:
+        """A file or variable that routes one category keeps the defaults for the others."""
+        return {**_default_routing(), **v} if isinstance(v, dict) else v
+
     @field_validator("database_url")
     @classmethod
     def _db(cls, v: str | None) -> str | None:
@@ -278,14 +284,16 @@ class TyphonConfig(_Strict):
         return self.crews.get(crew) or CrewSettings()
 
 
-def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+def find_config_file(
+    explicit: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Path | None:
     """The configuration file to read, in the documented order; None means defaults only."""
     if explicit is not None:
         path = Path(explicit).expanduser()
         if not path.is_file():
             raise ConfigError("file not found; check the --config path", source=str(path))
         return path
-    env = os.environ.get("TYPHON_CONFIG")
+    env = (os.environ if environ is None else environ).get("TYPHON_CONFIG")
     if env:
         path = Path(env).expanduser()
         if not path.is_file():
@@ -306,7 +314,14 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         path = name[len("TYPHON_") :].lower().split("__")
         if path[0] not in fields:
             continue
-        value = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(
+                "not a valid YAML value; quote it or fix the syntax",
+                source=name,
+                key=".".join(path),
+            ) from None
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -329,7 +344,7 @@ def load_config(
 ) -> TyphonConfig:
     """Find, read, merge with ``TYPHON_*`` variables and validate the configuration."""
     environ = os.environ if environ is None else environ
-    file = find_config_file(path)
+    file = find_config_file(path, environ)
     source = str(file) if file else "defaults"
     data: dict[str, Any] = {}
     if file is not None:

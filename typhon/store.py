@@ -95,7 +95,7 @@ def _now() -> datetime:
 def _utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def normalize_database_url(url: str) -> str:
@@ -147,6 +147,8 @@ class RunStore:
         with self.engine.begin() as conn:
             if self.dialect == "postgresql":
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(7301001)"))
+            elif self.dialect == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")  # one migrator at a time
             schema_table.create(conn, checkfirst=True)
             row = conn.execute(sa.select(schema_table.c.version)).first()
             current = row[0] if row else 0

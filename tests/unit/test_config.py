@@ -88,7 +88,9 @@ def test_discovery_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, user_h
     assert (cfg.log_level, cfg.source) == ("error", str(explicit))
     # 2. $TYPHON_CONFIG beats ./typhon.yaml
     assert find_config_file() == from_env
-    assert load_config(environ={}).log_level == "warning"
+    assert load_config().log_level == "warning"
+    assert load_config(environ={"TYPHON_CONFIG": str(from_env)}).log_level == "warning"
+    assert load_config(environ={}).log_level == "debug"  # environ= is the whole environment
     # 3. ./typhon.yaml beats the home file
     monkeypatch.delenv("TYPHON_CONFIG")
     assert find_config_file() == Path("typhon.yaml")
