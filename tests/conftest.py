@@ -4,9 +4,14 @@ when it is missing."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
+import subprocess
+import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -91,3 +96,100 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RunStore]:
         sqlite.close()
     else:
         yield from _pg_store(request.getfixturevalue("postgres_url"))
+
+
+TYPHON_BIN = str(Path(sys.executable).parent / "typhon")
+
+
+@pytest.fixture
+def pg_schema_url(postgres_url: str) -> Iterator[str]:
+    """A database URL whose connections use a fresh schema of their own (dropped afterwards)."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(postgres_url)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    yield f"{postgres_url}?options=-csearch_path%3D{schema}"
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+class Cluster:
+    """A Typhon config on real Redis + PostgreSQL, and `typhon worker` processes serving it."""
+
+    def __init__(self, tmp_path: Path, redis_url: str, database_url: str, crews_module: str):
+        self.dir = tmp_path / "cluster"
+        self.dir.mkdir()
+        self.home = self.dir / "home"
+        self.queue = f"research-{uuid.uuid4().hex[:8]}"
+        (self.dir / "cluster_crews.py").write_text(crews_module)
+        self.config_path = self.dir / "typhon.yaml"
+        self.config_path.write_text(
+            f"broker_url: {redis_url}\n"
+            f"database_url: '{database_url}'\n"
+            f"pools:\n  - {{name: research, queue: {self.queue}, cap: 2}}\n"
+            "crew_modules: [cluster_crews]\n"
+        )
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(self.dir),
+            "TYPHON_HOME": str(self.home),
+            "TYPHON_CONFIG": str(self.config_path),
+        }
+        self.workers: list[subprocess.Popen[bytes]] = []
+
+    def start_worker(self, *args: str) -> subprocess.Popen[bytes]:
+        with open(self.dir / f"worker-{len(self.workers)}.log", "wb") as log:
+            proc = subprocess.Popen(
+                [TYPHON_BIN, "worker", "--pool", "research", "--loglevel", "INFO", *args],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.workers.append(proc)
+        return proc
+
+    def worker_log(self) -> str:
+        return "\n".join(
+            p.read_text(errors="replace") for p in sorted(self.dir.glob("worker-*.log"))
+        )
+
+    def typhon(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [TYPHON_BIN, *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def stop(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.workers:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        _kill_local_servers(self.home)
+
+
+def _kill_local_servers(home: Path) -> None:
+    """Stop any llama-server a test's processes left behind (they should have stopped it)."""
+    for state in (home / "run").glob("llama-*.json") if (home / "run").is_dir() else []:
+        with contextlib.suppress(ValueError, OSError, ProcessLookupError):
+            os.kill(int(json.loads(state.read_text())["pid"]), signal.SIGKILL)
+
+
+@pytest.fixture
+def make_cluster(
+    tmp_path: Path, redis_url: str, pg_schema_url: str
+) -> Iterator[Callable[[str], Cluster]]:
+    made: list[Cluster] = []
+
+    def make(crews_module: str = "") -> Cluster:
+        cluster = Cluster(tmp_path, redis_url, pg_schema_url, crews_module)
+        made.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in made:
+        cluster.stop()

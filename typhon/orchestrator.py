@@ -102,7 +102,7 @@ class CeleryDispatcher:
         publish(self.app, self.url, TASK_NAME, run.id, queue_name)
 
     def close(self) -> None:
-        self.app.pool.force_close_all()
+        self.app.close()
 
 
 class RunHandle:
