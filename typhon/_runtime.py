@@ -12,7 +12,8 @@ from pathlib import Path
 
 import structlog
 
-from typhon._types import RunStatus, Usage
+from typhon._notify import Notifier, notifier_for
+from typhon._types import RunRecord, RunStatus, Usage
 from typhon.config import TyphonConfig
 from typhon.context import RunContext
 from typhon.crews import CrewOutput, CrewRegistry, default_registry
@@ -35,8 +36,10 @@ class Runtime:
         store: RunStore | None = None,
         registry: CrewRegistry | None = None,
         models: ModelRegistry | None = None,
+        notifier: Notifier | None = None,
     ):
         self.config = config
+        self.notifier = notifier or notifier_for(config.broker_url)
         self.store = store or RunStore(config.effective_database_url)
         self.registry = registry or default_registry()
         self.registry.load_modules(config.crew_modules)
@@ -49,6 +52,7 @@ class Runtime:
     def close(self) -> None:
         self.models.close()
         self.store.close()
+        self.notifier.close()
 
 
 def _write_artifacts(root: Path, run_id: str, artifacts: dict[str, str | bytes]) -> list[str]:
@@ -72,24 +76,20 @@ def _write_artifacts(root: Path, run_id: str, artifacts: dict[str, str | bytes])
 def execute_run(runtime: Runtime, run_id: str) -> RunStatus:
     """Run one queued run to its outcome. Safe to call twice: only one call records an outcome."""
     store = runtime.store
-    if not store.mark_running(run_id):
+    record = store.claim(run_id)
+    if record is None:
         status = store.status(run_id)
         log.info("run not queued; skipped", run_id=run_id, status=status.value)
         return status
-    record = store.get(run_id)
     with structlog.contextvars.bound_contextvars(run_id=run_id, crew=record.crew):
-        return _run(runtime, record.id, record.crew, record.input, record.options, record.model)
+        outcome = _run(runtime, record)
+    runtime.notifier.publish(run_id)
+    return outcome
 
 
-def _run(
-    runtime: Runtime,
-    run_id: str,
-    crew_name: str,
-    text: str,
-    options: dict[str, object],
-    alias: str | None,
-) -> RunStatus:
+def _run(runtime: Runtime, record: RunRecord) -> RunStatus:
     store = runtime.store
+    run_id, crew_name, alias = record.id, record.crew, record.model
     ctx: RunContext | None = None
     try:
         crew_cls = runtime.registry.get(crew_name)
@@ -97,8 +97,8 @@ def _run(
         ctx = RunContext(
             run_id=run_id,
             crew=crew_name,
-            input=text,
-            options=dict(options),
+            input=record.input,
+            options=dict(record.options),
             settings=runtime.config.crew_settings(crew_name),
             config=runtime.config,
             model=_model_client(runtime, run_id, alias),

@@ -124,18 +124,22 @@ class RunHandle:
     def cancel(self) -> bool:
         return self._typhon.cancel(self.run_id)
 
-    def wait(self, timeout: float | None = None, *, poll_s: float = 0.1) -> RunRecord:
-        """Block until the run finishes; RunTimeoutError after ``timeout`` seconds."""
+    def wait(self, timeout: float | None = None, *, poll_s: float = 0.5) -> RunRecord:
+        """Block until the run finishes; RunTimeoutError after ``timeout`` seconds.
+
+        Wakes on the run's finished notification; ``poll_s`` is only the fallback interval at
+        which the store is read again in case a notification was lost."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay = min(poll_s, 0.02)
-        while True:
-            record = self._typhon.store.get(self.run_id)
-            if record.status.finished:
-                return record
-            if deadline is not None and time.monotonic() >= deadline:
-                raise RunTimeoutError(self.run_id, timeout or 0)
-            time.sleep(delay)
-            delay = min(delay * 2, poll_s)
+        store = self._typhon.store
+        with self._typhon.runtime.notifier.subscribe(self.run_id) as subscription:
+            while True:
+                record = store.get(self.run_id)
+                if record.status.finished:
+                    return record
+                left = poll_s if deadline is None else min(poll_s, deadline - time.monotonic())
+                if left <= 0:
+                    raise RunTimeoutError(self.run_id, timeout or 0)
+                subscription.wait(left)
 
 
 class Typhon:
@@ -226,4 +230,7 @@ class Typhon:
 
     def cancel(self, run_id: str) -> bool:
         """Cancel a queued or running run; False when it had already finished."""
-        return self.store.cancel(run_id)
+        cancelled = self.store.cancel(run_id)
+        if cancelled:
+            self.runtime.notifier.publish(run_id)
+        return cancelled

@@ -15,11 +15,10 @@ The schema is created and migrated on first use; ``typhon_schema`` holds the app
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -81,6 +80,7 @@ def _migration_1(conn: Connection) -> None:
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _migration_1)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
+T = TypeVar("T")
 _ACTIVE = (RunStatus.QUEUED.value, RunStatus.RUNNING.value)
 
 
@@ -123,7 +123,8 @@ def _make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    # No pre-ping: RunStore._run replaces a dead connection and retries once instead.
+    return sa.create_engine(url, pool_size=5, max_overflow=5, pool_recycle=1800)
 
 
 class RunStore:
@@ -132,6 +133,7 @@ class RunStore:
     def __init__(self, url: str, *, engine: Engine | None = None):
         self.url = normalize_database_url(url)
         self.engine = engine or _make_engine(self.url)
+        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._migrated = False
 
     @property
@@ -162,12 +164,39 @@ class RunStore:
         self._migrated = True
         return SCHEMA_VERSION
 
-    @contextmanager
-    def _tx(self) -> Iterator[Connection]:
+    def _run(self, fn: Callable[[Connection], T], *, tx: bool = False) -> T:
+        """Run ``fn`` on a connection: in a transaction (``tx``) or in autocommit for a single
+        statement (no BEGIN/COMMIT round trips). A connection found dead (a restarted server) is
+        replaced and ``fn`` tried once more, instead of pinging before every use."""
         if not self._migrated:
             self.migrate()
-        with self.engine.begin() as conn:
-            yield conn
+        for attempt in (1, 2):
+            try:
+                if tx:
+                    with self.engine.begin() as conn:
+                        return fn(conn)
+                with self._autocommit.connect() as conn:
+                    return fn(conn)
+            except sa.exc.DBAPIError as exc:
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _change(self, stmt: Any, kind: str, data: dict[str, Any]) -> Any:
+        """Run an INSERT/UPDATE ... RETURNING and, when it touched a row, record event ``kind``,
+        in one transaction. (PostgreSQL takes the single-statement path in :data:`_PG`.)"""
+
+        def in_tx(conn: Connection) -> Any:
+            row = conn.execute(stmt).mappings().first()
+            if row is not None:
+                self._event(conn, row["id"], kind, data)
+            return row
+
+        return self._run(in_tx, tx=True)
+
+    def _pg(self, sql: str, params: dict[str, Any]) -> Any:
+        """One of the hot-path statements on PostgreSQL, sent as it is (autocommit)."""
+        return self._run(lambda conn: conn.exec_driver_sql(sql, params).mappings().first())
 
     # -- runs ------------------------------------------------------------------------------------
     def create_run(
@@ -181,29 +210,47 @@ class RunStore:
         backend: str | None = None,
         run_id: str | None = None,
     ) -> RunRecord:
-        run_id = run_id or new_run_id()
-        now = _now()
-        with self._tx() as conn:
-            conn.execute(
-                runs.insert().values(
-                    id=run_id,
-                    crew=crew,
-                    input=input,
-                    options=options or {},
-                    status=RunStatus.QUEUED.value,
-                    pool=pool,
-                    model=model,
-                    backend=backend,
-                    created_at=now,
-                    artifacts=[],
-                )
+        record = RunRecord(
+            id=run_id or new_run_id(),
+            crew=crew,
+            input=input,
+            status=RunStatus.QUEUED,
+            options=dict(options or {}),
+            pool=pool,
+            model=model,
+            backend=backend,
+            created_at=_now(),
+        )
+        insert = runs.insert().values(
+            id=record.id,
+            crew=crew,
+            input=input,
+            options=record.options,
+            status=RunStatus.QUEUED.value,
+            pool=pool,
+            model=model,
+            backend=backend,
+            created_at=record.created_at,
+            artifacts=[],
+        )
+        event = {"pool": pool, "model": model}
+        if self.dialect == "postgresql":
+            from psycopg.types.json import Json
+
+            self._pg(
+                _PG["create"],
+                {**_pg_values(record), "options": Json(record.options), "data": Json(event)},
             )
-            self._event(conn, run_id, "queued", {"pool": pool, "model": model})
-        return self.get(run_id)
+        else:
+            self._change(insert.returning(runs.c.id), "queued", event)
+        return record
 
     def get(self, run_id: str) -> RunRecord:
-        with self._tx() as conn:
-            row = conn.execute(sa.select(runs).where(runs.c.id == run_id)).mappings().first()
+        if self.dialect == "postgresql":
+            row = self._pg("SELECT * FROM runs WHERE id = %(id)s", {"id": run_id})
+        else:
+            query = sa.select(runs).where(runs.c.id == run_id)
+            row = self._run(lambda conn: conn.execute(query).mappings().first())
         if row is None:
             raise RunNotFoundError(run_id)
         return _record(row)
@@ -216,32 +263,38 @@ class RunStore:
             query = query.where(runs.c.crew == crew)
         if status:
             query = query.where(runs.c.status == status.value)
-        with self._tx() as conn:
-            return [_record(r) for r in conn.execute(query).mappings()]
+        return self._run(lambda conn: [_record(r) for r in conn.execute(query).mappings()])
 
     def status(self, run_id: str) -> RunStatus:
-        with self._tx() as conn:
-            value = conn.execute(sa.select(runs.c.status).where(runs.c.id == run_id)).scalar()
+        if self.dialect == "postgresql":
+            row = self._pg("SELECT status FROM runs WHERE id = %(id)s", {"id": run_id})
+            value = row["status"] if row is not None else None
+        else:
+            query = sa.select(runs.c.status).where(runs.c.id == run_id)
+            value = self._run(lambda conn: conn.execute(query).scalar())
         if value is None:
             raise RunNotFoundError(run_id)
         return RunStatus(value)
 
     # -- transitions -----------------------------------------------------------------------------
+    def claim(self, run_id: str) -> RunRecord | None:
+        """queued -> running, returning the run; None when it is not queued (cancelled, or
+        taken already). One statement: the claim and the read cannot be split by a race."""
+        if self.dialect == "postgresql":
+            row = self._pg(_PG["claim"], {"id": run_id, "now": _now()})
+            return _record(row) if row is not None else None
+        update = (
+            runs.update()
+            .where(runs.c.id == run_id, runs.c.status == RunStatus.QUEUED.value)
+            .values(status=RunStatus.RUNNING.value, started_at=_now(), attempts=runs.c.attempts + 1)
+            .returning(*runs.c)
+        )
+        row = self._change(update, "running", {})
+        return _record(row) if row is not None else None
+
     def mark_running(self, run_id: str) -> bool:
         """queued -> running. False when the run is not queued (cancelled, or taken already)."""
-        with self._tx() as conn:
-            changed = conn.execute(
-                runs.update()
-                .where(runs.c.id == run_id, runs.c.status == RunStatus.QUEUED.value)
-                .values(
-                    status=RunStatus.RUNNING.value,
-                    started_at=_now(),
-                    attempts=runs.c.attempts + 1,
-                )
-            ).rowcount
-            if changed:
-                self._event(conn, run_id, "running", {})
-        return bool(changed)
+        return self.claim(run_id) is not None
 
     def finish(
         self,
@@ -256,51 +309,62 @@ class RunStore:
         if status not in TERMINAL:
             raise ValueError(f"{status.value} is not an outcome")
         allowed = _ACTIVE if status is not RunStatus.SUCCEEDED else (RunStatus.RUNNING.value,)
-        values: dict[str, Any] = {"status": status.value, "finished_at": _now()}
+        values: dict[str, Any] = {"status": status.value}
         if output is not None:
             values["output"] = output
         if error is not None:
             values["error"] = error
         if artifacts:
             values["artifacts"] = list(artifacts)
-        with self._tx() as conn:
-            changed = conn.execute(
-                runs.update().where(runs.c.id == run_id, runs.c.status.in_(allowed)).values(values)
-            ).rowcount
-            if changed:
-                self._event(conn, run_id, status.value, {"error": error} if error else {})
-            elif conn.execute(sa.select(runs.c.id).where(runs.c.id == run_id)).first() is None:
-                raise RunNotFoundError(run_id)
-        return bool(changed)
+        data = {"error": error} if error else {}
+        if self.dialect == "postgresql":
+            from psycopg.types.json import Json
+
+            params = {
+                "id": run_id, "now": _now(), "status": status.value, "allowed": list(allowed),
+                "output": output, "error": error, "data": Json(data),
+                "artifacts": Json(list(artifacts)) if artifacts else None,
+            }  # fmt: skip
+            if self._pg(_PG["finish"], params) is not None:
+                return True
+            self.status(run_id)  # raises RunNotFoundError for an unknown id
+            return False
+        update = (
+            runs.update()
+            .where(runs.c.id == run_id, runs.c.status.in_(allowed))
+            .values(finished_at=_now(), **values)
+            .returning(runs.c.id)
+        )
+        if self._change(update, status.value, data) is not None:
+            return True
+        self.status(run_id)  # raises RunNotFoundError for an unknown id
+        return False
 
     def cancel(self, run_id: str) -> bool:
         """queued|running -> cancelled. A running crew notices at its next step."""
         return self.finish(run_id, RunStatus.CANCELLED, error="cancelled")
 
     def set_route(self, run_id: str, *, model: str, backend: str) -> None:
-        with self._tx() as conn:
-            conn.execute(
-                runs.update().where(runs.c.id == run_id).values(model=model, backend=backend)
-            )
+        update = runs.update().where(runs.c.id == run_id).values(model=model, backend=backend)
+        self._run(lambda conn: conn.execute(update))
 
     def add_usage(self, run_id: str, usage: Usage) -> None:
         """Add one model call's usage to the run's totals (atomic increment)."""
-        with self._tx() as conn:
-            conn.execute(
-                runs.update()
-                .where(runs.c.id == run_id)
-                .values(
-                    prompt_tokens=runs.c.prompt_tokens + usage.prompt_tokens,
-                    completion_tokens=runs.c.completion_tokens + usage.completion_tokens,
-                    model_calls=runs.c.model_calls + usage.calls,
-                    model_latency_s=runs.c.model_latency_s + usage.latency_s,
-                )
+        update = (
+            runs.update()
+            .where(runs.c.id == run_id)
+            .values(
+                prompt_tokens=runs.c.prompt_tokens + usage.prompt_tokens,
+                completion_tokens=runs.c.completion_tokens + usage.completion_tokens,
+                model_calls=runs.c.model_calls + usage.calls,
+                model_latency_s=runs.c.model_latency_s + usage.latency_s,
             )
+        )
+        self._run(lambda conn: conn.execute(update))
 
     # -- events ----------------------------------------------------------------------------------
     def add_event(self, run_id: str, kind: str, data: dict[str, Any] | None = None) -> None:
-        with self._tx() as conn:
-            self._event(conn, run_id, kind, data or {})
+        self._run(lambda conn: self._event(conn, run_id, kind, data or {}))
 
     def events(self, run_id: str, *, after: int = 0) -> list[RunEvent]:
         query = (
@@ -308,15 +372,56 @@ class RunStore:
             .where(run_events.c.run_id == run_id, run_events.c.id > after)
             .order_by(run_events.c.id)
         )
-        with self._tx() as conn:
-            return [
-                RunEvent(r["run_id"], r["id"], _utc(r["at"]) or _now(), r["kind"], r["data"])
-                for r in conn.execute(query).mappings()
-            ]
+        rows = self._run(lambda conn: list(conn.execute(query).mappings()))
+        return [
+            RunEvent(r["run_id"], r["id"], _utc(r["at"]) or _now(), r["kind"], r["data"])
+            for r in rows
+        ]
 
     @staticmethod
     def _event(conn: Connection, run_id: str, kind: str, data: dict[str, Any]) -> None:
         conn.execute(run_events.insert().values(run_id=run_id, at=_now(), kind=kind, data=data))
+
+
+# The three transitions on the hot path, for PostgreSQL: the change and its event in one
+# statement (a data-modifying CTE), sent without SQLAlchemy's statement building, one round trip.
+_PG = {
+    "create": """
+        WITH changed AS (
+            INSERT INTO runs (id, crew, input, options, status, pool, model, backend, created_at,
+                              artifacts)
+            VALUES (%(id)s, %(crew)s, %(input)s, %(options)s, 'queued', %(pool)s, %(model)s,
+                    %(backend)s, %(created_at)s, '[]')
+            RETURNING id)
+        INSERT INTO run_events (run_id, at, kind, data)
+        SELECT id, %(created_at)s, 'queued', %(data)s FROM changed RETURNING run_id""",
+    "claim": """
+        WITH changed AS (
+            UPDATE runs SET status = 'running', started_at = %(now)s, attempts = attempts + 1
+            WHERE id = %(id)s AND status = 'queued' RETURNING *),
+        event AS (
+            INSERT INTO run_events (run_id, at, kind, data)
+            SELECT id, %(now)s, 'running', '{}' FROM changed)
+        SELECT * FROM changed""",
+    "finish": """
+        WITH changed AS (
+            UPDATE runs SET status = %(status)s, finished_at = %(now)s,
+                output = COALESCE(%(output)s::text, output),
+                error = COALESCE(%(error)s::text, error),
+                artifacts = COALESCE(%(artifacts)s::json, artifacts)
+            WHERE id = %(id)s AND status = ANY(%(allowed)s) RETURNING id),
+        event AS (
+            INSERT INTO run_events (run_id, at, kind, data)
+            SELECT id, %(now)s, %(status)s, %(data)s FROM changed)
+        SELECT id FROM changed""",
+}
+
+
+def _pg_values(record: RunRecord) -> dict[str, Any]:
+    return {
+        "id": record.id, "crew": record.crew, "input": record.input, "pool": record.pool,
+        "model": record.model, "backend": record.backend, "created_at": record.created_at,
+    }  # fmt: skip
 
 
 def _record(row: Any) -> RunRecord:

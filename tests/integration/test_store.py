@@ -501,3 +501,24 @@ def test_to_json_shape(store: RunStore) -> None:
     queued = store.get(_new(store)).to_json()
     assert queued["started_at"] is None and queued["finished_at"] is None
     assert queued["status"] == "queued"
+
+
+def test_dead_connections_are_replaced(postgres_url: str) -> None:
+    """A restarted PostgreSQL kills pooled connections; the next call reconnects and succeeds."""
+    store = RunStore(postgres_url)
+    try:
+        run = store.create_run(crew="c", input="i", pool="p")
+        admin = sa.create_engine(postgres_url)
+        with admin.begin() as conn:
+            killed = conn.execute(
+                sa.text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE pid <> pg_backend_pid() AND datname = current_database()"
+                )
+            ).scalar()
+        admin.dispose()
+        assert killed >= 1
+        assert store.status(run.id) is RunStatus.QUEUED
+        assert store.claim(run.id) is not None
+    finally:
+        store.close()
