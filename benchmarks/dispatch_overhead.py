@@ -12,9 +12,10 @@ It then submits N runs to each, one at a time (submit, wait, next), alternating 
 * submit -> start: the worker's own clock when the body is about to run (Typhon: the run's
   ``started_at``; raw: ``time.time()`` at the top of the task), minus ``time.time()`` just before
   submitting. Same host, same wall clock.
-* submit -> done: when the caller *knows* the result. Typhon: ``RunHandle.wait(poll_s=...)``
-  returns (it polls the run store); raw: ``AsyncResult.get(interval=...)`` returns (the Redis
-  result backend pushes the result over pub/sub). This is what each API gives its callers.
+* submit -> done: when the caller *knows* the result. Typhon: ``RunHandle.wait()`` returns (woken
+  by the run's pub/sub notification, then one read of the run store); raw:
+  ``AsyncResult.get(interval=...)`` returns (the Redis result backend pushes the result over
+  pub/sub). This is what each API gives its callers.
 * submit -> finish: the worker's clock when the body has finished (Typhon: ``finished_at``; raw:
   ``time.time()`` at the end of the task); i.e. done without the caller's way of waiting.
 
@@ -23,9 +24,8 @@ Usage::
     scripts/services start && eval "$(scripts/services env)"
     .venv/bin/python benchmarks/dispatch_overhead.py [--n 200] [--database-url URL] [--breakdown]
 
-It also prints the median of each phase, submit -> done with ``RunHandle.wait()``'s default
-``poll_s`` (``--default-wait-runs``), and with ``--breakdown`` in-process timings of each run-store
-call, of ``submit()`` without publishing, of the publish alone and of ``execute_run()``.
+It also prints the median of each phase, and with ``--breakdown`` in-process timings of each
+run-store call, of ``submit()`` without publishing, of the publish alone and of ``execute_run()``.
 
 A PostgreSQL run store gets a schema of its own (dropped at exit); SQLite gets a file in a temporary
 folder. Exit status 0 whatever the figures; PASS/MISS compares the p50 submit->done ratio with
@@ -477,7 +477,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=20, help="discarded runs each (default 20)")
     p.add_argument("--block", type=int, default=10, help="runs per alternating block")
     p.add_argument(
-        "--poll-s", type=float, default=0.005, help="wait()/get() poll interval (default 0.005)"
+        "--poll-s", type=float, default=0.005, help="raw AsyncResult.get() interval (0.005)"
     )
     p.add_argument(
         "--broker-url",
@@ -491,12 +491,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--max-seconds", type=float, default=100.0, help="stop measuring after this long"
-    )
-    p.add_argument(
-        "--default-wait-runs",
-        type=int,
-        default=50,
-        help="extra typhon runs waited for with wait()'s default poll_s (default 50; 0: none)",
     )
     p.add_argument(
         "--breakdown",
@@ -573,11 +567,11 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> None:
     print(f"  raw      {' '.join(r_argv)}")
     print(f"  python   {sys.version.split()[0]}, {os.cpu_count()} CPUs")
     print(
-        f"  done =   typhon: RunHandle.wait(poll_s={args.poll_s}) returns (polls the store);"
+        f"  done =   typhon: RunHandle.wait() returns (woken by the run's pub/sub notification);"
         f" raw: AsyncResult.get(interval={args.poll_s}) returns (Redis pub/sub)"
     )
     contestants: list[Contestant] = [
-        TyphonContestant(typhon, t_proc, tmp / "typhon-worker.log", args.poll_s),
+        TyphonContestant(typhon, t_proc, tmp / "typhon-worker.log", None),
         RawContestant(raw_app, r_queue, r_proc, tmp / "raw-worker.log", args.poll_s),
     ]
     for c in contestants:
@@ -589,21 +583,8 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> None:
     print(f"  measured in {time.monotonic() - t0:.1f}s")
     report(typhon_series, raw_series)
     report_phases(typhon_series, raw_series)
-    if args.default_wait_runs:
-        default_wait(contestants[0], args.default_wait_runs)
     if args.breakdown:
         breakdown(config, 100, p_queue)
-
-
-def default_wait(typhon: Contestant, runs: int) -> None:
-    """submit -> done when the caller uses RunHandle.wait() with its default poll_s."""
-    assert isinstance(typhon, TyphonContestant)
-    typhon.poll_s = None
-    done = [typhon.once(RUN_TIMEOUT_S).done for _ in range(runs)]
-    print(
-        f"\ntyphon submit -> done with RunHandle.wait() defaults (poll_s=0.1), {runs} runs:"
-        f" p50 {ms(percentile(done, 50)).strip()} ms, p99 {ms(percentile(done, 99)).strip()} ms"
-    )
 
 
 if __name__ == "__main__":

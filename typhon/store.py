@@ -118,6 +118,7 @@ def _make_engine(url: str) -> Engine:
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, never corrupt
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
@@ -221,6 +222,13 @@ class RunStore:
             backend=backend,
             created_at=_now(),
         )
+        event = {"pool": pool, "model": model}
+        if self.dialect == "postgresql":
+            from psycopg.types.json import Json
+
+            params = {**_pg_values(record), "options": Json(record.options), "data": Json(event)}
+            self._pg(_PG["create"], params)
+            return record
         insert = runs.insert().values(
             id=record.id,
             crew=crew,
@@ -233,16 +241,7 @@ class RunStore:
             created_at=record.created_at,
             artifacts=[],
         )
-        event = {"pool": pool, "model": model}
-        if self.dialect == "postgresql":
-            from psycopg.types.json import Json
-
-            self._pg(
-                _PG["create"],
-                {**_pg_values(record), "options": Json(record.options), "data": Json(event)},
-            )
-        else:
-            self._change(insert.returning(runs.c.id), "queued", event)
+        self._change(insert.returning(runs.c.id), "queued", event)
         return record
 
     def get(self, run_id: str) -> RunRecord:
