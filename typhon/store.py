@@ -14,6 +14,8 @@ The schema is created and migrated on first use; ``typhon_schema`` holds the app
 
 from __future__ import annotations
 
+import sqlite3
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -106,6 +108,21 @@ def normalize_database_url(url: str) -> str:
     return url
 
 
+def _wal(cur: Any) -> None:
+    """Switch a SQLite file to WAL once. The switch needs the file to itself and ignores the
+    busy timeout, so processes opening a new file at the same moment wait their turn here."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if cur.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _make_engine(url: str) -> Engine:
     url = normalize_database_url(url)
     if url.startswith("sqlite"):
@@ -117,10 +134,10 @@ def _make_engine(url: str) -> Engine:
         @sa.event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            _wal(cur)
             cur.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, never corrupt
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
 
         return engine
