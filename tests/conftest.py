@@ -5,14 +5,17 @@ when it is missing."""
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -193,3 +196,30 @@ def make_cluster(
     yield make
     for cluster in made:
         cluster.stop()
+
+
+_real_connect = socket.socket.connect
+_real_connect_ex = socket.socket.connect_ex
+
+
+def _loopback_only(address: object) -> None:
+    if isinstance(address, tuple) and address:
+        host = str(address[0])
+        if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
+            raise AssertionError(f"a test tried to reach {host}: only loopback is allowed")
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every in-process connection a test makes must go to loopback (nothing phones home)."""
+
+    def connect(sock: socket.socket, address: Any) -> None:
+        _loopback_only(address)
+        _real_connect(sock, address)
+
+    def connect_ex(sock: socket.socket, address: Any) -> int:
+        _loopback_only(address)
+        return _real_connect_ex(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)

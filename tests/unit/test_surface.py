@@ -69,3 +69,13 @@ def test_research_crew_description_without_crewai() -> None:
 
     cls = default_registry().get("research")
     assert (cls.name, cls.pool, cls.category) == ("research", "research", "simple")
+
+
+def test_tests_cannot_leave_loopback() -> None:
+    """The suite's guard (conftest) stops a connection to anything but loopback before it is made."""
+    import socket
+
+    import pytest
+
+    with socket.socket() as sock, pytest.raises(AssertionError, match="only loopback"):
+        sock.connect(("203.0.113.7", 80))  # TEST-NET-3: documentation only, never routed
