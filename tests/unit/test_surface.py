@@ -72,7 +72,7 @@ def test_research_crew_description_without_crewai() -> None:
 
 
 def test_tests_cannot_leave_loopback() -> None:
-    """The suite's guard (conftest) stops a connection to anything but loopback before it is made."""
+    """The suite's guard (conftest) stops any connection to anything but loopback."""
     import socket
 
     import pytest
