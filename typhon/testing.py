@@ -11,9 +11,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from typhon._types import Usage
-from typhon.models import ChatResult, ChatStream, Message
+from typhon.config import TyphonConfig
+from typhon.models import ChatResult, ChatStream, Message, ModelClient, ModelRegistry
 
-__all__ = ["ScriptedModel"]
+__all__ = ["ScriptedModel", "ScriptedModels"]
 
 Reply = str | Callable[[Sequence[Message]], str] | BaseException
 
@@ -67,3 +68,17 @@ class ScriptedModel:
                 yield word + " "
 
         return ChatStream(chunks(), lambda: result)
+
+
+class ScriptedModels(ModelRegistry):
+    """A model registry whose every alias answers with the same client (a ScriptedModel):
+    ``Typhon(config, models=ScriptedModels(config, ScriptedModel("hi")))``."""
+
+    def __init__(self, config: TyphonConfig, model: ModelClient):
+        super().__init__(config)
+        self.model = model
+        self.asked: list[str] = []
+
+    def client(self, alias: str) -> ModelClient:
+        self.asked.append(alias)
+        return self.model

@@ -10,17 +10,7 @@ from conftest import REPO
 from typhon import RunStatus, Typhon
 from typhon.config import TyphonConfig
 from typhon.crews import default_registry
-from typhon.models import ModelClient, ModelRegistry
-from typhon.testing import ScriptedModel
-
-
-class _Models(ModelRegistry):
-    def __init__(self, config: TyphonConfig, model: ModelClient):
-        super().__init__(config)
-        self.model = model
-
-    def client(self, alias: str) -> ModelClient:
-        return self.model
+from typhon.testing import ScriptedModel, ScriptedModels
 
 
 def test_example_crew_is_short_and_runs(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
@@ -29,7 +19,7 @@ def test_example_crew_is_short_and_runs(monkeypatch: pytest.MonkeyPatch, home: P
     monkeypatch.syspath_prepend(str(source.parent))
     config = TyphonConfig(home=home, crew_modules=["custom_crew"])
     model = ScriptedModel("Rain taps the tin roof")
-    with Typhon(config, models=_Models(config, model)) as typhon:
+    with Typhon(config, models=ScriptedModels(config, model)) as typhon:
         record = typhon.submit("haiku", "autumn rain").wait(30)
     assert "haiku" in default_registry().names()
     assert record.status is RunStatus.SUCCEEDED

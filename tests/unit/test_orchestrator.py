@@ -17,21 +17,7 @@ from typhon.errors import (
     RunNotFoundError,
     UnknownCrewError,
 )
-from typhon.models import ModelClient, ModelRegistry
-from typhon.testing import ScriptedModel
-
-
-class ScriptedModels(ModelRegistry):
-    """A model registry whose every alias answers from the same script."""
-
-    def __init__(self, config: TyphonConfig, model: ModelClient):
-        super().__init__(config)
-        self.model = model
-        self.asked: list[str] = []
-
-    def client(self, alias: str) -> ModelClient:
-        self.asked.append(alias)
-        return self.model
+from typhon.testing import ScriptedModel, ScriptedModels
 
 
 @pytest.fixture

@@ -15,8 +15,7 @@ from typhon import RunStatus, Typhon
 from typhon.config import TyphonConfig
 from typhon.crews._sources import DocumentIndex, SearchError, SourceBook, searxng_search
 from typhon.crews.research import compose_brief
-from typhon.models import ModelClient, ModelRegistry
-from typhon.testing import ScriptedModel
+from typhon.testing import ScriptedModel, ScriptedModels
 
 RESULTS = [
     {"title": "RISC-V history", "url": "https://example.org/riscv", "content": "Berkeley, 2010."},
@@ -117,15 +116,6 @@ def test_compose_brief_titles_and_replaces_model_sources() -> None:
     assert "None: no search service" in compose_brief("T", "", SourceBook())
 
 
-class _Models(ModelRegistry):
-    def __init__(self, config: TyphonConfig, model: ModelClient):
-        super().__init__(config)
-        self.model = model
-
-    def client(self, alias: str) -> ModelClient:
-        return self.model
-
-
 def test_research_crew_with_scripted_model(home: Path, docs: Path, searx: str) -> None:
     config = TyphonConfig(home=home, search_url=searx)
     model = ScriptedModel(
@@ -133,7 +123,7 @@ def test_research_crew_with_scripted_model(home: Path, docs: Path, searx: str) -
         "Theme: open ISA.",
         "# RISC-V\n\nAn open ISA.\n\n## Key findings\n- Berkeley [1]",
     )
-    with Typhon(config, models=_Models(config, model)) as typhon:
+    with Typhon(config, models=ScriptedModels(config, model)) as typhon:
         handle = typhon.submit("research", "RISC-V vector registers", docs=str(docs))
         record = handle.wait(120)
         steps = [e.data.get("name") for e in typhon.store.events(handle.run_id) if e.kind == "step"]
@@ -155,7 +145,7 @@ def test_research_docs_folder_without_documents_fails_clearly(home: Path, tmp_pa
     empty = tmp_path / "empty"
     empty.mkdir()
     config = TyphonConfig(home=home)
-    with Typhon(config, models=_Models(config, ScriptedModel("x"))) as typhon:
+    with Typhon(config, models=ScriptedModels(config, ScriptedModel("x"))) as typhon:
         record = typhon.submit("research", "topic", docs=str(empty)).wait(60)
     assert record.status is RunStatus.FAILED
     assert record.error is not None and "holds no readable" in record.error
