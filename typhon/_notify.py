@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -96,10 +97,15 @@ class RedisNotifier:
 
         class _Sub:
             def wait(self, timeout: float) -> bool:
+                # get_message answers None for the (ignored) subscribe confirmation too
+                deadline = time.monotonic() + timeout
                 try:
-                    return pubsub.get_message(timeout=timeout) is not None
+                    while (left := deadline - time.monotonic()) > 0:
+                        if pubsub.get_message(timeout=left) is not None:
+                            return True
                 except Exception:
-                    return False
+                    pass
+                return False
 
         try:
             yield _Sub()
@@ -109,6 +115,7 @@ class RedisNotifier:
 
     def close(self) -> None:
         self._redis.close()
+        self._redis.connection_pool.disconnect()
 
 
 def notifier_for(broker_url: str | None) -> Notifier:
