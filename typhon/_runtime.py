@@ -17,7 +17,7 @@ from typhon._types import RunRecord, RunStatus, Usage
 from typhon.config import TyphonConfig
 from typhon.context import RunContext
 from typhon.crews import CrewOutput, CrewRegistry, default_registry
-from typhon.errors import ModelError, RunCancelled, TyphonError
+from typhon.errors import RunCancelled, TyphonError
 from typhon.models import ModelRegistry, RecordingClient
 from typhon.store import RunStore
 
@@ -90,7 +90,6 @@ def execute_run(runtime: Runtime, run_id: str) -> RunStatus:
 def _run(runtime: Runtime, record: RunRecord) -> RunStatus:
     store = runtime.store
     run_id, crew_name, alias = record.id, record.crew, record.model
-    ctx: RunContext | None = None
     try:
         crew_cls = runtime.registry.get(crew_name)
         alias = alias or crew_cls.model or runtime.config.routing[crew_cls.category]
@@ -118,10 +117,7 @@ def _run(runtime: Runtime, record: RunRecord) -> RunStatus:
     except RunCancelled:
         recorded = store.cancel(run_id)
         outcome = RunStatus.CANCELLED
-    except ModelError as exc:
-        recorded = store.finish(run_id, RunStatus.FAILED, error=str(exc))
-        outcome = RunStatus.FAILED
-    except TyphonError as exc:
+    except TyphonError as exc:  # ModelError included: its message names the alias and URL
         recorded = store.finish(run_id, RunStatus.FAILED, error=str(exc))
         outcome = RunStatus.FAILED
     except Exception as exc:
