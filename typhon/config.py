@@ -29,10 +29,13 @@ from typhon.resources import parse_cpuset
 
 __all__ = [
     "CATEGORIES",
+    "ClusterConfig",
     "CrewSettings",
+    "GpuSpec",
     "LitellmParams",
     "ModelEntry",
     "ModelInfo",
+    "NodeConfig",
     "PoolConfig",
     "TyphonConfig",
     "default_home",
@@ -159,14 +162,81 @@ class PoolConfig(_Strict):
 
 
 class CrewSettings(_Strict):
-    """Per-crew settings. ``model`` fixes the alias; otherwise routing by ``category`` decides."""
+    """Per-crew settings. ``model`` fixes the alias; otherwise routing by ``category`` decides.
+
+    ``timeout_s`` is the soft limit (the crew is stopped at its next step or model call);
+    ``hard_timeout_s`` (default soft + 60) ends the worker process running it.
+    ``max_retries`` re-runs the crew after a transient model error, with exponential backoff."""
 
     pool: str | None = None
     model: str | None = None
     category: Category = "simple"
     timeout_s: float = Field(default=900, gt=0)
+    hard_timeout_s: float | None = Field(default=None, gt=0)
+    max_retries: int = Field(default=2, ge=0, le=10)
     max_tokens: int = Field(default=512, ge=16)
     temperature: float = Field(default=0.2, ge=0, le=2)
+
+    @property
+    def hard_limit_s(self) -> float:
+        return self.hard_timeout_s or self.timeout_s + 60
+
+
+class ClusterConfig(_Strict):
+    """Cluster-wide concurrency: ``sustained`` slots first, then ``burst`` slots (run on
+    ``burst_cpuset`` when set). Slots are leases that expire ``lease_ttl_s`` after their holder
+    stops renewing them, so a dead worker never keeps capacity."""
+
+    sustained: int = Field(default=12, ge=1)
+    burst: int = Field(default=20, ge=1)
+    burst_cpuset: str | None = None
+    reserved_cpusets: dict[str, str] = Field(default_factory=dict)
+    lease_ttl_s: float = Field(default=30, gt=0)
+    reaper_interval_s: float = Field(default=10, gt=0)
+    stale_queue_s: float = Field(default=300, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+
+    @field_validator("burst_cpuset")
+    @classmethod
+    def _cpuset(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_cpuset(v)
+        return v
+
+    @field_validator("reserved_cpusets")
+    @classmethod
+    def _reserved(cls, v: dict[str, str]) -> dict[str, str]:
+        for cpus in v.values():
+            parse_cpuset(cpus)
+        return v
+
+    @model_validator(mode="after")
+    def _order(self) -> ClusterConfig:
+        if self.burst < self.sustained:
+            raise ValueError(f"burst ({self.burst}) must be at least sustained ({self.sustained})")
+        return self
+
+
+class GpuSpec(_Strict):
+    name: str
+    vram_gb: float = Field(gt=0)
+    compute_capability: str | None = None
+
+
+class NodeConfig(_Strict):
+    """A machine of the cluster: where its hardware summary answers, and its GPUs as known
+    (used for placement when the node cannot be asked)."""
+
+    name: str = Field(min_length=1)
+    url: str | None = None
+    gpus: list[GpuSpec] = Field(default_factory=list)
+    tensor_parallel: bool = False
+    roles: list[str] = Field(default_factory=list)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        return _check_url(v, ("http", "https"))
 
 
 def _default_models() -> list[ModelEntry]:
@@ -217,6 +287,8 @@ class TyphonConfig(_Strict):
     routing: dict[Category, str] = Field(default_factory=lambda: _default_routing())
     crews: dict[str, CrewSettings] = Field(default_factory=dict)
     crew_modules: list[str] = Field(default_factory=list)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    nodes: list[NodeConfig] = Field(default_factory=list)
     source: str | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
