@@ -39,13 +39,16 @@ SEED_MODELS = {
     "codellama": ("ollama/qwen2.5-coder:7b", OLLAMA_GPU0),
     "text-embedding-ada-002": ("ollama/nomic-embed-text", OLLAMA_GPU1),
 }
-# pool -> (cap, cpuset, worker mem_limit), seed Parts 4 and 7
+# pool -> (cap, cpuset, worker mem_limit), seed Parts 4 and 7 (the shipped hydra profile)
 SEED_POOLS = {
-    "research": (4, "28-35", "16g"),
-    "development": (2, "36-43", "16g"),
-    "creative": (2, "44-49", "8g"),
-    "monitoring": (4, "50-55", "4g"),
+    "research": (4, "28-33", "16g"),
+    "creative": (2, "34-35", "8g"),
+    "development": (2, "36-41", "16g"),
+    "monitoring": (4, "42-43", "4g"),
 }
+SEED_SUSTAINED, SEED_BURST, SEED_BURST_CPUSET = 12, 20, "44-55"
+SEED_RESERVED = {"system": "0-7", "services": "8-19", "n8n": "20-27"}
+API_PORT = 8700  # seed Part 6: hydra-tools-api
 
 
 @pytest.fixture(autouse=True)
@@ -75,6 +78,27 @@ def _workers(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
         for name, svc in compose["services"].items()
         if "worker" in _argv(svc)[1:2] or name.startswith("worker")
     }
+
+
+def _typhon_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The services that run the Typhon image (workers, beat, api)."""
+    return {
+        name: svc
+        for name, svc in compose["services"].items()
+        if "build" in svc or str(svc.get("image", "")).startswith("typhon")
+    }
+
+
+def _by_subcommand(compose: dict[str, Any], sub: str) -> dict[str, dict[str, Any]]:
+    return {
+        name: svc
+        for name, svc in _typhon_services(compose).items()
+        if _argv(svc)[:2] == ["typhon", sub]
+    }
+
+
+def _cpus(service: dict[str, Any]) -> frozenset[int]:
+    return parse_cpuset(str(service["cpuset"]))
 
 
 def _entrypoint() -> list[str]:
@@ -162,17 +186,67 @@ def test_hydra_services(hydra: TyphonConfig) -> None:
     assert hydra.database_url == "postgresql+psycopg://typhon@192.168.1.244:5432/typhon"
 
 
+def test_hydra_uses_the_shipped_hydra_profile() -> None:
+    raw = yaml.safe_load(HYDRA.read_text(encoding="utf-8"))
+    assert raw["profile"] == "hydra"
+
+
 def test_hydra_pools(hydra: TyphonConfig) -> None:
-    got = {p.name: (p.queue, p.cap, p.cpuset) for p in hydra.pools}
-    assert got == {name: (name, cap, cpus) for name, (cap, cpus, _) in SEED_POOLS.items()}
-    # the pools must not share CPUs, and stay in the seed's agent + burst range (cores 28-55)
+    got = {p.name: (p.queue, p.cap, parse_cpuset(p.cpuset or "")) for p in hydra.pools}
+    assert got == {
+        name: (name, cap, parse_cpuset(cpus)) for name, (cap, cpus, _) in SEED_POOLS.items()
+    }
+    for pool in hydra.pools:
+        # burst_cap (per-type ceiling including burst slots) may be absent: it defaults to cap
+        burst_cap = getattr(pool, "burst_cap", None) or pool.cap
+        assert pool.cap <= burst_cap <= hydra.cluster.burst, pool.name
+    # the pools must not share CPUs, and stay in the seed's agent range (cores 28-43)
     seen: set[int] = set()
     for pool in hydra.pools:
         assert pool.cpuset is not None
         cpus = parse_cpuset(pool.cpuset)
         assert not cpus & seen, f"pool {pool.name} overlaps another pool"
-        assert cpus <= set(range(28, 56))
+        assert cpus <= set(range(28, 44))
         seen |= cpus
+
+
+def test_hydra_cluster_caps(hydra: TyphonConfig) -> None:
+    cluster = hydra.cluster
+    assert (cluster.sustained, cluster.burst) == (SEED_SUSTAINED, SEED_BURST)
+    # the sustained slots are the pools' caps: 4 + 2 + 2 + 4
+    assert sum(p.cap for p in hydra.pools) == cluster.sustained
+    assert cluster.burst_cpuset is not None
+    assert parse_cpuset(cluster.burst_cpuset) == parse_cpuset(SEED_BURST_CPUSET)
+    assert {k: parse_cpuset(v) for k, v in cluster.reserved_cpusets.items()} == {
+        k: parse_cpuset(v) for k, v in SEED_RESERVED.items()
+    }
+    # system + services + n8n + pools + burst: the whole 56-core EPYC, each CPU once
+    every = [parse_cpuset(v) for v in cluster.reserved_cpusets.values()]
+    every += [parse_cpuset(p.cpuset or "") for p in hydra.pools]
+    every.append(parse_cpuset(cluster.burst_cpuset))
+    assert sum(len(c) for c in every) == 56
+    assert frozenset().union(*every) == frozenset(range(56))
+
+
+def test_hydra_nodes(hydra: TyphonConfig) -> None:
+    nodes = {n.name: n for n in hydra.nodes}
+    ai = nodes["hydra-ai"]
+    assert [(g.name, g.vram_gb) for g in ai.gpus] == [
+        ("NVIDIA GeForce RTX 5090", 32),
+        ("NVIDIA GeForce RTX 4090", 24),
+    ]
+    assert ai.tensor_parallel is True
+    compute = nodes["hydra-compute"]
+    assert [(g.name, g.vram_gb) for g in compute.gpus] == [("NVIDIA GeForce RTX 5070 Ti", 16)] * 2
+    assert compute.tensor_parallel is False
+    # hydra-ai's two GPUs hold the 70B at 4.0bpw (~52GB of 56GB)
+    assert sum(g.vram_gb for g in ai.gpus) == 56
+
+
+def test_hydra_profile_ships_with_the_package() -> None:
+    assert (ROOT / "typhon" / "profiles" / "hydra.yaml").is_file()
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert "profiles/*.yaml" in pyproject, "the profiles must be package data (the image uses them)"
 
 
 def test_hydra_crews(hydra: TyphonConfig) -> None:
@@ -211,6 +285,9 @@ def test_compose_has_hub_services(compose: dict[str, Any]) -> None:
     assert services["postgres"]["mem_limit"] == "32g"
     assert services["flower"]["image"].split(":")[0] == "mher/flower"
     assert "--broker=redis://redis:6379/0" in str(services["flower"]["command"])
+    # the hub services start with a plain `docker compose up`
+    for name in ("redis", "postgres", "flower"):
+        assert "profiles" not in services[name], name
 
 
 def test_compose_secrets_come_from_variables(compose: dict[str, Any]) -> None:
@@ -227,21 +304,63 @@ def test_compose_secrets_come_from_variables(compose: dict[str, Any]) -> None:
 def test_compose_runs_one_worker_per_configured_pool(
     compose: dict[str, Any], hydra: TyphonConfig
 ) -> None:
+    assert hydra.cluster.burst_cpuset is not None
+    burst = parse_cpuset(hydra.cluster.burst_cpuset)
     workers = _workers(compose)
+    assert workers == _by_subcommand(compose, "worker")
     pools: list[str] = []
     for name, svc in workers.items():
         argv = _argv(svc)
         assert argv[:3] == ["typhon", "worker", "--pool"], f"{name} runs {argv}"
+        # concurrency comes from the pool (cap / burst_cap): no -c, no --cpuset override
         assert len(argv) == 4, f"{name} runs {argv}"
         pools.append(argv[3])
         spec = hydra.pool(argv[3])  # raises if the pool is not configured
-        assert svc["cpuset"] == spec.cpuset, f"{name} is not pinned to its pool's CPUs"
+        assert spec.cpuset is not None
+        # `typhon worker` pins to the pool's cpuset; a child on a burst slot to the burst set
+        assert _cpus(svc) == parse_cpuset(spec.cpuset) | burst, (
+            f"{name} is not pinned to its pool's CPUs plus the burst pool"
+        )
         assert svc["mem_limit"] == SEED_POOLS[argv[3]][2]
+        assert "profiles" not in svc, f"{name} must start with a plain `docker compose up`"
+        assert svc["stop_grace_period"], f"{name} must let running crews finish"
+        assert int(svc.get("deploy", {}).get("replicas", 1)) == 1, name
     assert sorted(pools) == sorted(p.name for p in hydra.pools)
 
 
-def test_compose_workers_get_the_hydra_config(compose: dict[str, Any]) -> None:
-    for name, svc in _workers(compose).items():
+def test_compose_runs_a_single_beat(compose: dict[str, Any]) -> None:
+    beats = _by_subcommand(compose, "beat")
+    assert list(beats) == ["beat"], f"exactly one beat service, got {sorted(beats)}"
+    svc = beats["beat"]
+    assert _argv(svc) == ["typhon", "beat"]
+    assert "profiles" not in svc, "beat (the reaper) must start with a plain `docker compose up`"
+    assert int(svc.get("deploy", {}).get("replicas", 1)) == 1
+    assert "scale" not in svc
+    assert svc["mem_limit"] == "512m"
+    # no other service runs Celery beat (a worker with -B/--beat would be a second scheduler)
+    for name, other in compose["services"].items():
+        if name != "beat":
+            argv = _argv(other)
+            assert "beat" not in argv and "-B" not in argv and "--beat" not in argv, name
+
+
+def test_compose_api_is_behind_its_profile(compose: dict[str, Any], hydra: TyphonConfig) -> None:
+    apis = _by_subcommand(compose, "serve")
+    assert list(apis) == ["api"]
+    svc = apis["api"]
+    assert svc["profiles"] == ["api"]
+    assert _argv(svc) == ["typhon", "serve", "--host", "0.0.0.0", "--port", str(API_PORT)]
+    assert svc["ports"] == [f"{API_PORT}:{API_PORT}"]
+    assert svc["mem_limit"] == "2g"
+    # the nodes' URLs in the hydra config point at this port
+    storage = {n.name: n for n in hydra.nodes}["hydra-storage"]
+    assert urlsplit(storage.url or "").port == API_PORT
+
+
+def test_compose_typhon_services_get_the_hydra_config(compose: dict[str, Any]) -> None:
+    services = _typhon_services(compose)
+    assert set(services) == {"beat", "api"} | set(_workers(compose))
+    for name, svc in services.items():
         env = svc["environment"]
         target = env["TYPHON_CONFIG"]
         mounts = [v for v in svc["volumes"] if isinstance(v, str)]
@@ -262,7 +381,7 @@ def test_compose_workers_get_the_hydra_config(compose: dict[str, Any]) -> None:
 
 
 def test_compose_builds_the_project_image(compose: dict[str, Any]) -> None:
-    for name, svc in _workers(compose).items():
+    for name, svc in _typhon_services(compose).items():
         build = svc["build"]
         context = (DEPLOY / build["context"]).resolve()
         assert (context / "pyproject.toml").is_file(), name
@@ -273,11 +392,28 @@ def test_compose_builds_the_project_image(compose: dict[str, Any]) -> None:
     assert _entrypoint() == ["typhon"]
 
 
-def test_compose_cpusets_follow_the_seed_allocation(compose: dict[str, Any]) -> None:
+def test_compose_cpusets_follow_the_seed_allocation(
+    compose: dict[str, Any], hydra: TyphonConfig
+) -> None:
+    cluster = hydra.cluster
+    assert cluster.burst_cpuset is not None
+    reserved = {k: parse_cpuset(v) for k, v in cluster.reserved_cpusets.items()}
+    agents = parse_cpuset(cluster.burst_cpuset).union(
+        *(parse_cpuset(p.cpuset or "") for p in hydra.pools)
+    )
+    workers = _workers(compose)
     seen: dict[int, str] = {}
     for name, svc in compose["services"].items():
-        cpus = parse_cpuset(svc["cpuset"])
-        assert not cpus & set(range(8)), f"{name} uses the cores reserved for the system"
+        cpus = _cpus(svc)
+        assert cpus, name
+        assert not cpus & reserved["system"], f"{name} uses the cores reserved for the system"
+        assert not cpus & reserved["n8n"], f"{name} uses the cores reserved for n8n"
+        if name in workers:
+            assert cpus <= agents, f"{name} leaves the pool and burst CPUs"
+            continue
+        # the hub services: on the services cores, each on CPUs of its own
+        assert cpus <= reserved["services"], f"{name} is not on the services cores"
+        assert not cpus & agents, f"{name} shares CPUs with a pool or the burst pool"
         for cpu in cpus:
             assert cpu not in seen, f"{name} and {seen[cpu]} both pinned to CPU {cpu}"
             seen[cpu] = name
