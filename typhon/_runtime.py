@@ -7,6 +7,9 @@ dispatcher both call it, so embedded and cluster runs behave the same.
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -17,8 +20,10 @@ from typhon._types import RunRecord, RunStatus, Usage
 from typhon.config import TyphonConfig
 from typhon.context import RunContext
 from typhon.crews import CrewOutput, CrewRegistry, default_registry
-from typhon.errors import RunCancelled, TyphonError
+from typhon.errors import CrewTimeoutError, ModelUnavailableError, RunCancelled, TyphonError
 from typhon.models import ModelRegistry, RecordingClient
+from typhon.resources import parse_cpuset
+from typhon.resources.slots import Lease, Slots, acquire, slots_for
 from typhon.store import RunStore
 
 __all__ = ["Runtime", "execute_run"]
@@ -37,9 +42,14 @@ class Runtime:
         registry: CrewRegistry | None = None,
         models: ModelRegistry | None = None,
         notifier: Notifier | None = None,
+        slots: Slots | None = None,
+        pin_burst: bool = False,
     ):
         self.config = config
         self.notifier = notifier or notifier_for(config.broker_url)
+        self.slots = slots or slots_for(config.broker_url, config.cluster)
+        self.pin_burst = pin_burst  # only worker processes move to the burst CPU set
+        self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
         self.store = store or RunStore(config.effective_database_url)
         self.registry = registry or default_registry()
         self.registry.load_modules(config.crew_modules)
@@ -53,6 +63,7 @@ class Runtime:
         self.models.close()
         self.store.close()
         self.notifier.close()
+        self.slots.close()
 
 
 def _write_artifacts(root: Path, run_id: str, artifacts: dict[str, str | bytes]) -> list[str]:
@@ -73,80 +84,221 @@ def _write_artifacts(root: Path, run_id: str, artifacts: dict[str, str | bytes])
     return written
 
 
-def execute_run(runtime: Runtime, run_id: str) -> RunStatus:
-    """Run one queued run to its outcome. Safe to call twice: only one call records an outcome."""
+class _Guard:
+    """Per run: stops the crew (at its next step or model call) when the run was cancelled or
+    taken back by the reaper, or when it passes its soft time limit."""
+
+    def __init__(self, store: RunStore, run_id: str, attempt: int, limit_s: float):
+        self.store = store
+        self.run_id = run_id
+        self.attempt = attempt
+        self.limit_s = limit_s
+        self.deadline = time.monotonic() + limit_s
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def __call__(self) -> None:
+        record = self.store.get(self.run_id)
+        if record.status is not RunStatus.RUNNING or record.attempts != self.attempt:
+            raise RunCancelled(self.run_id)
+        if self.expired:
+            raise CrewTimeoutError(self.run_id, self.limit_s)
+
+
+class _Heartbeat:
+    """Renews the run's slot lease and its heartbeat every third of the lease TTL."""
+
+    def __init__(self, runtime: Runtime, lease: Lease, run_id: str):
+        self._runtime = runtime
+        self._lease = lease
+        self._run_id = run_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._loop, name=f"heartbeat-{run_id[:8]}", daemon=True
+        )
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        interval = self._runtime.config.cluster.lease_ttl_s / 3
+        while not self._stop.wait(interval):
+            try:
+                if not self._runtime.slots.renew(self._lease):
+                    log.warning("slot lease lost and not retaken", run_id=self._run_id)
+                self._runtime.store.heartbeat(self._run_id)
+            except Exception as exc:  # Redis or the database away: keep running, retry later
+                log.warning("heartbeat failed; retrying", run_id=self._run_id, error=str(exc))
+
+
+def _pin_burst(runtime: Runtime, lease: Lease) -> set[int] | None:
+    """Move this process to the burst CPU set while it runs a run on a burst slot."""
+    cpus = runtime.config.cluster.burst_cpuset
+    if not (lease.burst and cpus and runtime.pin_burst):
+        return None
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, parse_cpuset(cpus))
+    except OSError as exc:
+        log.warning("cannot move to the burst CPU set", cpuset=cpus, error=str(exc))
+        return None
+    return before
+
+
+def execute_run(runtime: Runtime, run_id: str, pool_name: str | None = None) -> RunStatus:
+    """Run one queued run to its outcome. Safe to call twice: only one call records an outcome.
+
+    Waits for a pool slot and a cluster slot (leases), claims the run, and heartbeats while the
+    crew works; the slots are released whatever happens."""
     store = runtime.store
-    record = store.claim(run_id)
-    if record is None:
+    pool = runtime.config.pool(pool_name or store.get(run_id).pool)
+
+    def still_queued() -> None:
+        if store.status(run_id) is not RunStatus.QUEUED:
+            raise RunCancelled(run_id)
+
+    try:
+        lease = acquire(runtime.slots, pool, run_id, check=still_queued)
+    except RunCancelled:
         status = store.status(run_id)
-        log.info("run not queued; skipped", run_id=run_id, status=status.value)
+        log.info("run left the queue while waiting for a slot", run_id=run_id, status=status.value)
         return status
-    with structlog.contextvars.bound_contextvars(run_id=run_id, crew=record.crew):
-        outcome = _run(runtime, record)
+    try:
+        claimed = store.claim(run_id, worker=runtime.worker_name)
+        if claimed is None:
+            status = store.status(run_id)
+            log.info("run not queued; skipped", run_id=run_id, status=status.value)
+            return status
+        if lease.burst:
+            store.add_event(run_id, "burst", {"pool_slot": lease.pool_slot,
+                                              "cluster_slot": lease.cluster_slot})  # fmt: skip
+        pinned = _pin_burst(runtime, lease)
+        try:
+            with (
+                _Heartbeat(runtime, lease, run_id),
+                structlog.contextvars.bound_contextvars(run_id=run_id, crew=claimed.crew),
+            ):
+                outcome = _run(runtime, claimed)
+        finally:
+            if pinned is not None:
+                os.sched_setaffinity(0, pinned)
+    finally:
+        runtime.slots.release(lease)
     runtime.notifier.publish(run_id)
     return outcome
 
 
 def _run(runtime: Runtime, record: RunRecord) -> RunStatus:
-    store = runtime.store
-    run_id, crew_name, alias = record.id, record.crew, record.model
-    try:
-        crew_cls = runtime.registry.get(crew_name)
-        alias = alias or crew_cls.model or runtime.config.routing[crew_cls.category]
-        ctx = RunContext(
-            run_id=run_id,
-            crew=crew_name,
-            input=record.input,
-            options=dict(record.options),
-            settings=runtime.config.crew_settings(crew_name),
-            config=runtime.config,
-            model=_model_client(runtime, run_id, alias),
-            artifacts_dir=runtime.artifacts_root / run_id,
-            store=store,
-        )
-        log.info("run started", model=alias)
-        result = crew_cls().run(ctx)
-        output = result if isinstance(result, CrewOutput) else CrewOutput(str(result))
-        artifacts = _write_artifacts(
-            runtime.artifacts_root, run_id, {**ctx.artifacts, **output.artifacts}
-        )
-        recorded = store.finish(
-            run_id, RunStatus.SUCCEEDED, output=output.text, artifacts=artifacts
-        )
-        outcome = RunStatus.SUCCEEDED
-    except RunCancelled:
-        recorded = store.cancel(run_id)
-        outcome = RunStatus.CANCELLED
-    except TyphonError as exc:  # ModelError included: its message names the alias and URL
-        recorded = store.finish(run_id, RunStatus.FAILED, error=str(exc))
-        outcome = RunStatus.FAILED
-    except Exception as exc:
-        log.error("crew raised", error=repr(exc), traceback=traceback.format_exc())
-        recorded = store.finish(run_id, RunStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
-        outcome = RunStatus.FAILED
+    settings = runtime.config.crew_settings(record.crew)
+    guard = _Guard(runtime.store, record.id, record.attempts, settings.timeout_s)
+    recorded, outcome = _run_with_retries(runtime, record, guard, settings.max_retries)
     if not recorded:
-        outcome = store.status(run_id)
-        log.info("outcome ignored: run already finished", status=outcome.value)
+        outcome = runtime.store.status(record.id)
+        log.info("outcome ignored: run already finished or taken back", status=outcome.value)
     else:
         log.info("run finished", status=outcome.value)
     return outcome
 
 
-def _model_client(runtime: Runtime, run_id: str, alias: str) -> RecordingClient:
-    """The run's model client: records usage on the run and stops at cancellation."""
+def _run_with_retries(
+    runtime: Runtime, record: RunRecord, guard: _Guard, max_retries: int
+) -> tuple[bool, RunStatus]:
+    """Run the crew; after a transient model error, run it again (exponential backoff)."""
+    store, run_id = runtime.store, record.id
+    for retry in range(max_retries + 1):
+        try:
+            output = _attempt(runtime, record, record.model, guard)
+        except RunCancelled:
+            return False, RunStatus.CANCELLED
+        except ModelUnavailableError as exc:
+            if retry == max_retries or guard.expired:
+                failed = store.finish(
+                    run_id, RunStatus.FAILED, error=str(exc), attempt=record.attempts
+                )
+                return failed, RunStatus.FAILED
+            delay = min(2.0 ** (retry + 1), 60.0)
+            store.add_event(
+                run_id, "retry", {"retry": retry + 1, "delay_s": delay, "error": str(exc)}
+            )
+            log.warning("transient model error; retrying", error=str(exc), delay_s=delay)
+            if not _sleep_unless_stopped(guard, delay):
+                return False, RunStatus.CANCELLED
+            continue
+        except Exception as exc:
+            if not isinstance(exc, TyphonError):
+                log.error("crew raised", error=repr(exc), traceback=traceback.format_exc())
+            error = _describe(exc, guard)
+            return store.finish(run_id, RunStatus.FAILED, error=error, attempt=record.attempts), (
+                RunStatus.FAILED
+            )
+        artifacts = _write_artifacts(runtime.artifacts_root, run_id, output.artifacts)
+        done = store.finish(
+            run_id, RunStatus.SUCCEEDED, output=output.text, artifacts=artifacts,
+            attempt=record.attempts,
+        )  # fmt: skip
+        return done, RunStatus.SUCCEEDED
+    raise AssertionError("unreachable")
+
+
+def _describe(exc: BaseException, guard: _Guard) -> str:
+    if isinstance(exc, CrewTimeoutError) or guard.expired:
+        return str(CrewTimeoutError(guard.run_id, guard.limit_s))
+    if isinstance(exc, TyphonError):  # ModelError's message names the alias and URL
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _sleep_unless_stopped(guard: _Guard, seconds: float) -> bool:
+    """Sleep, checking the guard each second; False when the run was cancelled meanwhile."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        time.sleep(min(left, 1.0))
+        try:
+            guard()
+        except RunCancelled:
+            return False
+    return True
+
+
+def _attempt(runtime: Runtime, record: RunRecord, alias: str | None, guard: _Guard) -> CrewOutput:
+    crew_cls = runtime.registry.get(record.crew)
+    alias = alias or crew_cls.model or runtime.config.routing[crew_cls.category]
+    ctx = RunContext(
+        run_id=record.id,
+        crew=record.crew,
+        input=record.input,
+        options=dict(record.options),
+        settings=runtime.config.crew_settings(record.crew),
+        config=runtime.config,
+        model=_model_client(runtime, record.id, alias, guard),
+        artifacts_dir=runtime.artifacts_root / record.id,
+        store=runtime.store,
+        guard=guard,
+    )
+    log.info("run started", model=alias, attempt=record.attempts)
+    result = crew_cls().run(ctx)
+    output = result if isinstance(result, CrewOutput) else CrewOutput(str(result))
+    return CrewOutput(output.text, {**ctx.artifacts, **output.artifacts})
+
+
+def _model_client(runtime: Runtime, run_id: str, alias: str, guard: _Guard) -> RecordingClient:
+    """The run's model client: records usage on the run, stops at cancellation or time limit."""
     store = runtime.store
 
     def record(usage: Usage) -> None:
         store.add_usage(run_id, usage)
-
-    def before() -> None:
-        if store.status(run_id) is RunStatus.CANCELLED:
-            raise RunCancelled(run_id)
 
     return RecordingClient(
         alias,
         runtime.models.endpoint(alias),
         lambda: runtime.models.client(alias),
         record=record,
-        before=before,
+        before=guard,
     )

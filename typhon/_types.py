@@ -99,6 +99,9 @@ class RunRecord:
     usage: Usage = Usage()
     artifacts: list[str] = field(default_factory=list)
     attempts: int = 0
+    heartbeat_at: datetime | None = None
+    worker: str | None = None
+    enqueued_at: datetime | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The shape of ``typhon run --json`` and ``GET /v1/runs/{id}``."""
@@ -123,6 +126,8 @@ class RunRecord:
                 "latency_s": round(self.usage.latency_s, 3),
             },
             "artifacts": list(self.artifacts),
+            "attempts": self.attempts,
+            "worker": self.worker,
         }
 
 

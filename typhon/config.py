@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -141,10 +142,25 @@ class ModelEntry(_Strict):
 
 
 class PoolConfig(_Strict):
+    """A crew pool: its queue, its sustained ``cap``, and ``burst_cap``, the most runs it may
+    have at once when it also takes burst slots (only once its own ``cap`` slots are full)."""
+
     name: str = Field(min_length=1, pattern=r"^[a-z][a-z0-9_-]*$")
     queue: str = ""
     cap: int = Field(ge=1)
+    burst_cap: int | None = Field(default=None, ge=1)
     cpuset: str | None = None
+
+    @property
+    def ceiling(self) -> int:
+        """The most runs at once: ``burst_cap`` when set, else ``cap`` (the worker concurrency)."""
+        return max(self.cap, self.burst_cap or self.cap)
+
+    @model_validator(mode="after")
+    def _burst_above_cap(self) -> PoolConfig:
+        if self.burst_cap is not None and self.burst_cap < self.cap:
+            raise ValueError(f"burst_cap ({self.burst_cap}) must be at least cap ({self.cap})")
+        return self
 
     @field_validator("cpuset")
     @classmethod
@@ -187,6 +203,7 @@ class ClusterConfig(_Strict):
     ``burst_cpuset`` when set). Slots are leases that expire ``lease_ttl_s`` after their holder
     stops renewing them, so a dead worker never keeps capacity."""
 
+    name: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]+$")
     sustained: int = Field(default=12, ge=1)
     burst: int = Field(default=20, ge=1)
     burst_cpuset: str | None = None
@@ -277,6 +294,7 @@ class TyphonConfig(_Strict):
     """The effective configuration. ``source`` is the file it came from (None: defaults only)."""
 
     home: Path = Field(default_factory=default_home)
+    profile: Literal["embedded", "hydra"] = "embedded"
     database_url: str | None = None
     broker_url: str | None = None
     search_url: str | None = None
@@ -326,6 +344,7 @@ class TyphonConfig(_Strict):
         pools = [p.name for p in self.pools]
         if len(set(pools)) != len(pools):
             raise ValueError("pool names must be unique")
+        _check_cpusets(self)
         for name, crew in self.crews.items():
             if crew.model is not None and crew.model not in aliases:
                 raise ValueError(f"crews.{name}.model '{crew.model}' is not in the model list")
@@ -354,6 +373,30 @@ class TyphonConfig(_Strict):
 
     def crew_settings(self, crew: str) -> CrewSettings:
         return self.crews.get(crew) or CrewSettings()
+
+
+def _check_cpusets(config: TyphonConfig) -> None:
+    """Pools, the burst set and reserved sets may not share CPUs."""
+    owners: dict[int, str] = {}
+    named = [(f"pools.{p.name}.cpuset", p.cpuset) for p in config.pools]
+    named.append(("cluster.burst_cpuset", config.cluster.burst_cpuset))
+    named += [
+        (f"cluster.reserved_cpusets.{k}", v) for k, v in config.cluster.reserved_cpusets.items()
+    ]
+    for key, cpus in named:
+        if cpus is None:
+            continue
+        for cpu in sorted(parse_cpuset(cpus)):
+            if cpu in owners:
+                raise ValueError(f"{key} ({cpus}) overlaps {owners[cpu]} on CPU {cpu}")
+            owners[cpu] = f"{key} ({cpus})"
+
+
+def _profile(name: str) -> dict[str, Any]:
+    if name == "embedded":
+        return {}
+    text = (resources.files("typhon") / "profiles" / f"{name}.yaml").read_text(encoding="utf-8")
+    return dict(yaml.safe_load(text))
 
 
 def find_config_file(
@@ -431,6 +474,9 @@ def load_config(
     if env:
         data = _merge(data, env)
         source = f"{source} + TYPHON_* variables"
+    profile = data.get("profile", "embedded")
+    if profile in ("embedded", "hydra"):
+        data = _merge(_profile(str(profile)), data)
     data["source"] = str(file) if file else None
     try:
         return TyphonConfig.model_validate(data)

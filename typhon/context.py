@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,13 +40,17 @@ class RunContext:
     store: RunStore
     log: Any = field(default=None)
     artifacts: dict[str, str | bytes] = field(default_factory=dict)
+    guard: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         if self.log is None:
             self.log = structlog.get_logger("typhon.crew").bind(run_id=self.run_id, crew=self.crew)
 
     def check_cancelled(self) -> None:
-        if self.store.status(self.run_id) is RunStatus.CANCELLED:
+        """Raise RunCancelled if the run was cancelled (CrewTimeoutError past its time limit)."""
+        if self.guard is not None:
+            self.guard()
+        elif self.store.status(self.run_id) is RunStatus.CANCELLED:
             raise RunCancelled(self.run_id)
 
     def step(self, name: str, **data: Any) -> None:

@@ -14,6 +14,7 @@ to act on it. Exceptions do not log; the CLI and the HTTP API turn them into one
     │   ├── ModelUnavailableError   endpoint unreachable or answering 5xx / 429 after retries
     │   └── ModelResponseError      endpoint answered, but not with what we asked for
     ├── CrewError                a crew failed for a reason of its own
+    │   └── CrewTimeoutError     a crew ran past its time limit
     └── RunTimeoutError          waiting for a run took longer than asked
 
 Control-flow signals are kept apart from failures:
@@ -27,6 +28,7 @@ __all__ = [
     "BrokerUnavailableError",
     "ConfigError",
     "CrewError",
+    "CrewTimeoutError",
     "DispatchError",
     "InputError",
     "ModelError",
@@ -124,6 +126,15 @@ class ModelResponseError(ModelError):
 
 class CrewError(TyphonError):
     code = "crew_failed"
+
+
+class CrewTimeoutError(CrewError):
+    code = "crew_timeout"
+
+    def __init__(self, run_id: str, limit_s: float):
+        self.run_id = run_id
+        self.limit_s = limit_s
+        super().__init__(f"run {run_id} ran past its time limit of {limit_s:g}s and was stopped")
 
 
 class RunTimeoutError(TyphonError):

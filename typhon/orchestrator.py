@@ -45,20 +45,20 @@ class InProcessDispatcher:
 
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
-        self._queues: dict[str, queue.SimpleQueue[str | None]] = {}
+        self._queues: dict[str, queue.SimpleQueue[tuple[str, str] | None]] = {}
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
 
-    def _worker(self, work: queue.SimpleQueue[str | None]) -> None:
-        while (run_id := work.get()) is not None:
-            execute_run(self.runtime, run_id)
+    def _worker(self, work: queue.SimpleQueue[tuple[str, str] | None]) -> None:
+        while (item := work.get()) is not None:
+            execute_run(self.runtime, *item)
 
     def dispatch(self, run: RunRecord, queue_name: str) -> None:
         with self._lock:
             work = self._queues.get(queue_name)
             if work is None:
                 work = self._queues[queue_name] = queue.SimpleQueue()
-                for i in range(self.runtime.config.pool(run.pool).cap):
+                for i in range(self.runtime.config.pool(run.pool).ceiling):
                     thread = threading.Thread(
                         target=self._worker,
                         args=(work,),
@@ -67,7 +67,7 @@ class InProcessDispatcher:
                     )
                     thread.start()
                     self._threads.append(thread)
-        work.put(run.id)
+        work.put((run.id, run.pool))
 
     def close(self) -> None:
         with self._lock:
@@ -85,6 +85,7 @@ class CeleryDispatcher:
         from workers.celery_app import create_app
 
         self.url = config.broker_url or ""
+        self.config = config
         self.app = create_app(config)
         self._checked = False
 
@@ -95,11 +96,14 @@ class CeleryDispatcher:
         self._checked = True
 
     def dispatch(self, run: RunRecord, queue_name: str) -> None:
-        from workers.celery_app import TASK_NAME, publish
+        from workers.celery_app import publish
 
         if not self._checked:
             self.check()
-        publish(self.app, self.url, TASK_NAME, run.id, queue_name)
+        publish(self.app, self.url, run, queue_name, self.hard_limit(run.crew))
+
+    def hard_limit(self, crew: str) -> float:
+        return self.config.crew_settings(crew).hard_limit_s
 
     def close(self) -> None:
         self.app.close()

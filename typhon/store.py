@@ -61,6 +61,10 @@ runs = sa.Table(
     sa.Column("model_latency_s", sa.Float, nullable=False, server_default="0"),
     sa.Column("artifacts", sa.JSON, nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    # v2: liveness of running runs, and when a queued run was last handed to the broker
+    sa.Column("heartbeat_at", sa.DateTime(timezone=True)),
+    sa.Column("worker", sa.String(255)),
+    sa.Column("enqueued_at", sa.DateTime(timezone=True)),
 )
 
 run_events = sa.Table(
@@ -78,8 +82,18 @@ def _migration_1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[runs, run_events])
 
 
+def _migration_2(conn: Connection) -> None:
+    """Heartbeats, worker names and enqueue times (a v1 database lacks the columns)."""
+    have = {c["name"] for c in sa.inspect(conn).get_columns("runs")}
+    timestamp = "TIMESTAMP WITH TIME ZONE" if conn.dialect.name == "postgresql" else "DATETIME"
+    for name, kind in (("heartbeat_at", timestamp), ("worker", "VARCHAR(255)"),
+                       ("enqueued_at", timestamp)):  # fmt: skip
+        if name not in have:
+            conn.exec_driver_sql(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+
+
 # (version, step): append only; never edit a step that has shipped.
-MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _migration_1)]
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _migration_1), (2, _migration_2)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 T = TypeVar("T")
@@ -237,7 +251,8 @@ class RunStore:
             pool=pool,
             model=model,
             backend=backend,
-            created_at=_now(),
+            created_at=(now := _now()),
+            enqueued_at=now,
         )
         event = {"pool": pool, "model": model}
         if self.dialect == "postgresql":
@@ -256,6 +271,7 @@ class RunStore:
             model=model,
             backend=backend,
             created_at=record.created_at,
+            enqueued_at=record.created_at,
             artifacts=[],
         )
         self._change(insert.returning(runs.c.id), "queued", event)
@@ -293,16 +309,22 @@ class RunStore:
         return RunStatus(value)
 
     # -- transitions -----------------------------------------------------------------------------
-    def claim(self, run_id: str) -> RunRecord | None:
+    def claim(self, run_id: str, worker: str = "") -> RunRecord | None:
         """queued -> running, returning the run; None when it is not queued (cancelled, or
         taken already). One statement: the claim and the read cannot be split by a race."""
         if self.dialect == "postgresql":
-            row = self._pg(_PG["claim"], {"id": run_id, "now": _now()})
+            row = self._pg(_PG["claim"], {"id": run_id, "now": _now(), "worker": worker})
             return _record(row) if row is not None else None
         update = (
             runs.update()
             .where(runs.c.id == run_id, runs.c.status == RunStatus.QUEUED.value)
-            .values(status=RunStatus.RUNNING.value, started_at=_now(), attempts=runs.c.attempts + 1)
+            .values(
+                status=RunStatus.RUNNING.value,
+                started_at=(now := _now()),
+                heartbeat_at=now,
+                worker=worker,
+                attempts=runs.c.attempts + 1,
+            )
             .returning(*runs.c)
         )
         row = self._change(update, "running", {})
@@ -320,8 +342,10 @@ class RunStore:
         output: str | None = None,
         error: str | None = None,
         artifacts: Sequence[str] = (),
+        attempt: int | None = None,
     ) -> bool:
-        """Record the outcome once. False (and nothing changed) when the run already finished."""
+        """Record the outcome once. False (and nothing changed) when the run already finished,
+        or, with ``attempt``, when the run has since been handed to another attempt."""
         if status not in TERMINAL:
             raise ValueError(f"{status.value} is not an outcome")
         allowed = _ACTIVE if status is not RunStatus.SUCCEEDED else (RunStatus.RUNNING.value,)
@@ -338,6 +362,7 @@ class RunStore:
 
             params = {
                 "id": run_id, "now": _now(), "status": status.value, "allowed": list(allowed),
+                "attempt": attempt,
                 "output": output, "error": error, "data": Json(data),
                 "artifacts": Json(list(artifacts)) if artifacts else None,
             }  # fmt: skip
@@ -345,12 +370,11 @@ class RunStore:
                 return True
             self.status(run_id)  # raises RunNotFoundError for an unknown id
             return False
-        update = (
-            runs.update()
-            .where(runs.c.id == run_id, runs.c.status.in_(allowed))
-            .values(finished_at=_now(), **values)
-            .returning(runs.c.id)
-        )
+        where = [runs.c.id == run_id, runs.c.status.in_(allowed)]
+        if attempt is not None:
+            where.append(runs.c.attempts == attempt)
+        update = runs.update().where(*where).values(finished_at=_now(), **values)
+        update = update.returning(runs.c.id)
         if self._change(update, status.value, data) is not None:
             return True
         self.status(run_id)  # raises RunNotFoundError for an unknown id
@@ -377,6 +401,78 @@ class RunStore:
             )
         )
         self._run(lambda conn: conn.execute(update))
+
+    # -- liveness and recovery -------------------------------------------------------------------
+    def heartbeat(self, run_id: str) -> bool:
+        """Mark a running run alive; False when it is no longer running (cancelled, finished,
+        or taken back by the reaper)."""
+        update = (
+            runs.update()
+            .where(runs.c.id == run_id, runs.c.status == RunStatus.RUNNING.value)
+            .values(heartbeat_at=_now())
+        )
+        return bool(self._run(lambda conn: conn.execute(update).rowcount))
+
+    def stale_running(self, before: datetime) -> list[RunRecord]:
+        """Running runs whose last heartbeat is older than ``before``: their worker died."""
+        query = sa.select(runs).where(
+            runs.c.status == RunStatus.RUNNING.value,
+            sa.func.coalesce(runs.c.heartbeat_at, runs.c.started_at) < before,
+        )
+        return self._run(lambda conn: [_record(r) for r in conn.execute(query).mappings()])
+
+    def running_since(self, before: datetime) -> list[RunRecord]:
+        """Running runs started before ``before`` (for time limits)."""
+        query = sa.select(runs).where(
+            runs.c.status == RunStatus.RUNNING.value, runs.c.started_at < before
+        )
+        return self._run(lambda conn: [_record(r) for r in conn.execute(query).mappings()])
+
+    def requeue(self, run_id: str, stale_before: datetime) -> bool:
+        """running -> queued, only while its heartbeat is still older than ``stale_before``
+        (so a worker that came back to life and a second reaper cannot both win)."""
+        update = (
+            runs.update()
+            .where(
+                runs.c.id == run_id,
+                runs.c.status == RunStatus.RUNNING.value,
+                sa.func.coalesce(runs.c.heartbeat_at, runs.c.started_at) < stale_before,
+            )
+            .values(status=RunStatus.QUEUED.value, enqueued_at=_now(), worker=None)
+            .returning(runs.c.id)
+        )
+        return (
+            self._change(update, "requeued", {"reason": "worker stopped heartbeating"}) is not None
+        )
+
+    def stale_queued(self, before: datetime) -> list[RunRecord]:
+        """Queued runs last handed to the broker before ``before`` (the message may be lost)."""
+        query = sa.select(runs).where(
+            runs.c.status == RunStatus.QUEUED.value,
+            sa.func.coalesce(runs.c.enqueued_at, runs.c.created_at) < before,
+        )
+        return self._run(lambda conn: [_record(r) for r in conn.execute(query).mappings()])
+
+    def mark_enqueued(self, run_id: str) -> bool:
+        update = (
+            runs.update()
+            .where(runs.c.id == run_id, runs.c.status == RunStatus.QUEUED.value)
+            .values(enqueued_at=_now())
+        )
+        return bool(self._run(lambda conn: conn.execute(update).rowcount))
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Runs per pool and status, for queued and running runs."""
+        query = (
+            sa.select(runs.c.pool, runs.c.status, sa.func.count())
+            .where(runs.c.status.in_(_ACTIVE))
+            .group_by(runs.c.pool, runs.c.status)
+        )
+        rows = self._run(lambda conn: list(conn.execute(query)))
+        out: dict[str, dict[str, int]] = {}
+        for pool, status, n in rows:
+            out.setdefault(pool, {})[status] = int(n)
+        return out
 
     # -- events ----------------------------------------------------------------------------------
     def add_event(self, run_id: str, kind: str, data: dict[str, Any] | None = None) -> None:
@@ -405,15 +501,16 @@ _PG = {
     "create": """
         WITH changed AS (
             INSERT INTO runs (id, crew, input, options, status, pool, model, backend, created_at,
-                              artifacts)
+                              enqueued_at, artifacts)
             VALUES (%(id)s, %(crew)s, %(input)s, %(options)s, 'queued', %(pool)s, %(model)s,
-                    %(backend)s, %(created_at)s, '[]')
+                    %(backend)s, %(created_at)s, %(created_at)s, '[]')
             RETURNING id)
         INSERT INTO run_events (run_id, at, kind, data)
         SELECT id, %(created_at)s, 'queued', %(data)s FROM changed RETURNING run_id""",
     "claim": """
         WITH changed AS (
-            UPDATE runs SET status = 'running', started_at = %(now)s, attempts = attempts + 1
+            UPDATE runs SET status = 'running', started_at = %(now)s, attempts = attempts + 1,
+                heartbeat_at = %(now)s, worker = %(worker)s
             WHERE id = %(id)s AND status = 'queued' RETURNING *),
         event AS (
             INSERT INTO run_events (run_id, at, kind, data)
@@ -425,7 +522,8 @@ _PG = {
                 output = COALESCE(%(output)s::text, output),
                 error = COALESCE(%(error)s::text, error),
                 artifacts = COALESCE(%(artifacts)s::json, artifacts)
-            WHERE id = %(id)s AND status = ANY(%(allowed)s) RETURNING id),
+            WHERE id = %(id)s AND status = ANY(%(allowed)s)
+                AND (%(attempt)s::int IS NULL OR attempts = %(attempt)s::int) RETURNING id),
         event AS (
             INSERT INTO run_events (run_id, at, kind, data)
             SELECT id, %(now)s, %(status)s, %(data)s FROM changed)
@@ -463,4 +561,7 @@ def _record(row: Any) -> RunRecord:
         ),
         artifacts=list(row["artifacts"] or []),
         attempts=row["attempts"],
+        heartbeat_at=_utc(row.get("heartbeat_at")),
+        worker=row.get("worker"),
+        enqueued_at=_utc(row.get("enqueued_at")),
     )

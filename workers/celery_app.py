@@ -14,6 +14,7 @@ from celery.signals import worker_process_shutdown
 from kombu.entity import Queue
 
 from typhon._runtime import Runtime, execute_run
+from typhon._types import RunRecord
 from typhon.config import TyphonConfig, load_config
 from typhon.errors import BrokerUnavailableError
 
@@ -29,7 +30,7 @@ _runtime: Runtime | None = None
 def _process_runtime() -> Runtime:
     global _runtime
     if _runtime is None:
-        _runtime = Runtime(load_config(os.environ.get("TYPHON_CONFIG") or None))
+        _runtime = Runtime(load_config(os.environ.get("TYPHON_CONFIG") or None), pin_burst=True)
     return _runtime
 
 
@@ -61,8 +62,8 @@ def create_app(config: TyphonConfig) -> Celery:
     )
 
     @app.task(name=TASK_NAME, ignore_result=True)  # type: ignore[untyped-decorator]
-    def run_task(run_id: str) -> str:
-        return execute_run(_process_runtime(), run_id).value
+    def run_task(run_id: str, pool: str | None = None) -> str:
+        return execute_run(_process_runtime(), run_id, pool).value
 
     return app
 
@@ -76,9 +77,12 @@ def check_broker(app: Celery, url: str) -> None:
         raise BrokerUnavailableError(url, str(exc) or type(exc).__name__) from None
 
 
-def publish(app: Celery, url: str, task: str, run_id: str, queue: str) -> None:
+def publish(app: Celery, url: str, run: RunRecord, queue: str, hard_limit_s: float) -> None:
+    """Hand a run to its pool's queue; the worker kills it past ``hard_limit_s``."""
     try:
-        app.send_task(task, args=[run_id], queue=queue, retry=False)
+        app.send_task(
+            TASK_NAME, args=[run.id, run.pool], queue=queue, retry=False, time_limit=hard_limit_s
+        )
     except Exception as exc:
         raise BrokerUnavailableError(url, str(exc) or type(exc).__name__) from None
 
@@ -89,7 +93,7 @@ def worker_argv(config: TyphonConfig, pool_name: str, *, loglevel: str = "INFO")
     return [
         "worker",
         f"--queues={pool.queue}",
-        f"--concurrency={pool.cap}",
+        f"--concurrency={pool.ceiling}",
         f"--hostname={pool.name}@%h",
         f"--loglevel={loglevel}",
         "--prefetch-multiplier=1",

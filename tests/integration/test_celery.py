@@ -86,12 +86,12 @@ def test_cancel_running_run_on_a_worker(typhon: Typhon, cluster: Cluster) -> Non
 
 
 def test_redelivered_message_records_one_outcome(typhon: Typhon, cluster: Cluster) -> None:
-    from workers.celery_app import TASK_NAME, publish
+    from workers.celery_app import publish
 
     record = typhon.submit("whoami", "x").wait(120)
     assert record.status is RunStatus.SUCCEEDED
     app = typhon.dispatcher.app  # type: ignore[attr-defined]
-    publish(app, "redis", TASK_NAME, record.id, cluster.queue)  # a duplicate delivery
+    publish(app, "redis", record, cluster.queue, 60)  # a duplicate delivery
     deadline = time.monotonic() + 60
     while "run not queued; skipped" not in cluster.worker_log():
         assert time.monotonic() < deadline, cluster.worker_log()
