@@ -208,8 +208,12 @@ def worker(
         str | None, typer.Option("--cpuset", help="CPUs to pin to, overriding the pool's.")
     ] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    beat: Annotated[
+        bool,
+        typer.Option("--beat", help="Also run the periodic tasks (the reaper); one per cluster."),
+    ] = False,
 ) -> None:
-    """Start a Celery worker for one pool (concurrency = the pool's cap)."""
+    """Start a Celery worker for one pool (concurrency = the pool's cap, or burst_cap)."""
     from typhon.resources import format_cpuset, parse_cpuset
 
     config = _config()
@@ -236,7 +240,86 @@ def worker(
     from workers.celery_app import create_app, worker_argv
 
     configure_logging(config.log_level)
-    create_app(config).worker_main(worker_argv(config, pool, loglevel=loglevel))
+    config.home.mkdir(parents=True, exist_ok=True)
+    create_app(config).worker_main(worker_argv(config, pool, loglevel=loglevel, beat=beat))
+
+
+@app.command()
+def beat(loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO") -> None:
+    """Run Celery beat for Typhon's periodic tasks (the reaper). Run exactly one per cluster."""
+    config = _config()
+    if not config.broker_url:
+        _fail("beat needs broker_url (set it in typhon.yaml or TYPHON_BROKER_URL)", 2)
+    from typhon.logging import configure_logging
+    from workers.celery_app import create_app
+
+    configure_logging(config.log_level)
+    config.home.mkdir(parents=True, exist_ok=True)
+    schedule = str(config.home / "celerybeat-schedule")
+    create_app(config).start(["beat", f"--schedule={schedule}", f"--loglevel={loglevel}"])
+
+
+@app.command()
+def reap(as_json: JsonOpt = False) -> None:
+    """Recover runs whose worker died or whose message was lost, once, now."""
+    from typhon.resources.reaper import reap as reap_once
+
+    with _typhon() as typhon:
+        report = reap_once(typhon.config, typhon.store, typhon.republisher())
+    data = {"failed": report.failed, "requeued": report.requeued,
+            "republished": report.republished}  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(data))
+    else:
+        for key, ids in data.items():
+            typer.echo(f"{key}: {len(ids)}" + (f"  ({', '.join(ids)})" if ids else ""))
+
+
+@app.command()
+def pools(as_json: JsonOpt = False) -> None:
+    """Each pool: cap, cpuset, runs in use and queued, from live state."""
+    with _typhon() as typhon:
+        data = typhon.pools()
+    if as_json:
+        typer.echo(json.dumps(data))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("pool", "queue", "cap", "burst cap", "cpuset", "running", "slots", "queued")
+    for p in data["pools"]:
+        table.add_row(
+            p["name"], p["queue"], str(p["cap"]), str(p["burst_cap"]), p["cpuset"] or "any",
+            str(p["running"]), str(p["slots_in_use"]), str(p["queued"]),
+        )  # fmt: skip
+    console = Console()
+    console.print(table)
+    c = data["cluster"]
+    console.print(
+        f"cluster: {c['slots_in_use']} of {c['sustained']} sustained / {c['burst']} burst slots"
+        f" in use; burst cpuset {c['burst_cpuset'] or 'none'}"
+    )
+
+
+@app.command()
+def hardware(as_json: JsonOpt = False) -> None:
+    """This host's CPUs, memory, disks and GPUs, and every configured node's."""
+    from typhon.resources.hardware import cluster_summary, render_text
+
+    summary = cluster_summary(_config())
+    typer.echo(json.dumps(summary) if as_json else render_text(summary))
+
+
+@app.command()
+def placement(as_json: JsonOpt = False) -> None:
+    """Which node and GPUs each model should run on, from its VRAM need."""
+    from typhon.resources.placement import plan, plan_to_json, render_text
+
+    result = plan(_config())
+    typer.echo(json.dumps(plan_to_json(result)) if as_json else render_text(result))
+    error = result.error()
+    if error is not None:
+        _fail(str(error), error.exit_code)
 
 
 @config_app.command("show")

@@ -11,6 +11,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import structlog
@@ -21,6 +22,7 @@ from typhon.config import TyphonConfig, load_config
 from typhon.crews import CrewRegistry
 from typhon.errors import DispatchError, InputError, RunTimeoutError, TyphonError
 from typhon.models import ModelRegistry, Route
+from typhon.resources.reaper import reap
 from typhon.store import RunStore
 
 __all__ = ["CeleryDispatcher", "Dispatcher", "InProcessDispatcher", "RunHandle", "Typhon"]
@@ -167,6 +169,9 @@ class Typhon:
             if self.config.broker_url
             else InProcessDispatcher(self.runtime)
         )
+        if isinstance(self.dispatcher, InProcessDispatcher):
+            # runs left `running` by an embedded process that died can only be failed
+            reap(self.config, self.store, None)
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None, **kwargs: Any) -> Typhon:
@@ -231,6 +236,44 @@ class Typhon:
 
     def runs(self, *, limit: int = 50, crew: str | None = None) -> list[RunRecord]:
         return self.store.list_runs(limit=limit, crew=crew)
+
+    def republisher(self) -> Callable[[RunRecord], None] | None:
+        """How the reaper hands a run back to its queue; None in embedded mode."""
+        if not isinstance(self.dispatcher, CeleryDispatcher):
+            return None
+        dispatcher = self.dispatcher
+
+        def republish(run: RunRecord) -> None:
+            dispatcher.dispatch(run, self.config.pool(run.pool).queue)
+
+        return republish
+
+    def pools(self) -> dict[str, Any]:
+        """Each pool's limits and live use: runs running/queued (store), slots held (leases)."""
+        counts = self.store.counts()
+        slots = self.runtime.slots.in_use()
+        cluster = self.config.cluster
+        return {
+            "pools": [
+                {
+                    "name": p.name,
+                    "queue": p.queue,
+                    "cap": p.cap,
+                    "burst_cap": p.ceiling,
+                    "cpuset": p.cpuset,
+                    "running": counts.get(p.name, {}).get("running", 0),
+                    "queued": counts.get(p.name, {}).get("queued", 0),
+                    "slots_in_use": slots.get(p.name, 0),
+                }
+                for p in self.config.pools
+            ],
+            "cluster": {
+                "sustained": cluster.sustained,
+                "burst": cluster.burst,
+                "burst_cpuset": cluster.burst_cpuset,
+                "slots_in_use": slots.get("_cluster", 0),
+            },
+        }
 
     def cancel(self, run_id: str) -> bool:
         """Cancel a queued or running run; False when it had already finished."""

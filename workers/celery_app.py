@@ -1,7 +1,9 @@
-"""The Celery app: one queue per pool, one task (``typhon.execute_run``), late acks, prefetch 1.
+"""The Celery app: one queue per pool, late acks, prefetch 1, and two tasks:
+``typhon.execute_run`` (on the pool's queue) and ``typhon.reap`` (on the control queue, every
+``cluster.reaper_interval_s`` from Celery beat: ``typhon beat``, or ``typhon worker --beat``).
 
-The task carries only the run id; the run itself lives in the run store, so a redelivered message
-finds the run already taken or finished and records nothing twice.
+A task carries only the run id (and its pool); the run itself lives in the run store, so a
+redelivered message finds the run already taken or finished and records nothing twice.
 """
 
 from __future__ import annotations
@@ -17,10 +19,20 @@ from typhon._runtime import Runtime, execute_run
 from typhon._types import RunRecord
 from typhon.config import TyphonConfig, load_config
 from typhon.errors import BrokerUnavailableError
+from typhon.resources.reaper import reap
 
-__all__ = ["TASK_NAME", "check_broker", "create_app", "publish", "worker_argv"]
+__all__ = [
+    "REAP_TASK",
+    "TASK_NAME",
+    "check_broker",
+    "control_queue",
+    "create_app",
+    "publish",
+    "worker_argv",
+]
 
 TASK_NAME = "typhon.execute_run"
+REAP_TASK = "typhon.reap"
 _CONNECT_TIMEOUT_S = 3.0
 
 # One runtime per worker process (prefork child), built on its first task.
@@ -42,11 +54,16 @@ def _close_runtime(**_: Any) -> None:
         _runtime = None
 
 
+def control_queue(config: TyphonConfig) -> str:
+    return f"typhon-control-{config.cluster.name}"
+
+
 def create_app(config: TyphonConfig) -> Celery:
     app = Celery("typhon", broker=config.broker_url, set_as_current=False)
-    longest = max([c.timeout_s for c in config.crews.values()] + [900.0])
+    hard_limits = [config.crew_settings(c).hard_limit_s for c in [*config.crews, ""]]
+    interval = config.cluster.reaper_interval_s
     app.conf.update(
-        task_queues=[Queue(p.queue) for p in config.pools],
+        task_queues=[Queue(p.queue) for p in config.pools] + [Queue(control_queue(config))],
         task_default_queue=config.pools[0].queue if config.pools else "research",
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -54,16 +71,39 @@ def create_app(config: TyphonConfig) -> Celery:
         task_ignore_result=True,
         task_serializer="json",
         accept_content=["json"],
-        broker_transport_options={"visibility_timeout": int(longest * 2 + 60)},
+        # above the longest hard limit: a message is redelivered only when its worker is gone
+        broker_transport_options={"visibility_timeout": int(max(hard_limits) * 1.5 + 60)},
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=_CONNECT_TIMEOUT_S,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
+        beat_schedule={
+            "typhon-reap": {
+                "task": REAP_TASK,
+                "schedule": interval,
+                "options": {"queue": control_queue(config), "expires": interval},
+            }
+        },
     )
 
     @app.task(name=TASK_NAME, ignore_result=True)  # type: ignore[untyped-decorator]
     def run_task(run_id: str, pool: str | None = None) -> str:
         return execute_run(_process_runtime(), run_id, pool).value
+
+    @app.task(name=REAP_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    def reap_task() -> dict[str, list[str]]:
+        runtime = _process_runtime()
+        cfg = runtime.config
+
+        def republish(run: RunRecord) -> None:
+            pool = cfg.pool(run.pool)
+            publish(
+                app, cfg.broker_url or "", run, pool.queue, cfg.crew_settings(run.crew).hard_limit_s
+            )
+
+        report = reap(cfg, runtime.store, republish)
+        return {"failed": report.failed, "requeued": report.requeued,
+                "republished": report.republished}  # fmt: skip
 
     return app
 
@@ -87,12 +127,17 @@ def publish(app: Celery, url: str, run: RunRecord, queue: str, hard_limit_s: flo
         raise BrokerUnavailableError(url, str(exc) or type(exc).__name__) from None
 
 
-def worker_argv(config: TyphonConfig, pool_name: str, *, loglevel: str = "INFO") -> list[str]:
-    """argv for ``celery worker`` serving one pool: its queue, concurrency = its cap."""
+def worker_argv(
+    config: TyphonConfig, pool_name: str, *, loglevel: str = "INFO", beat: bool = False
+) -> list[str]:
+    """argv for ``celery worker`` serving one pool: its queue and the control queue,
+    concurrency = the pool's ceiling (cap, or burst_cap)."""
     pool = config.pool(pool_name)
+    extra = ["--beat", f"--schedule={config.home / 'celerybeat-schedule'}"] if beat else []
     return [
         "worker",
-        f"--queues={pool.queue}",
+        f"--queues={pool.queue},{control_queue(config)}",
+        *extra,
         f"--concurrency={pool.ceiling}",
         f"--hostname={pool.name}@%h",
         f"--loglevel={loglevel}",
