@@ -86,15 +86,15 @@ def _lease(pool: PoolConfig, cluster: ClusterConfig, run_id: str, i: int, k: int
 
 
 class LocalSlots:
-    """Slots within one process (embedded mode)."""
+    """Slots within one process (embedded mode): slot number -> holder, per scope."""
 
     def __init__(self, cluster: ClusterConfig):
         self.cluster = cluster
-        self._held: dict[str, set[int]] = {}
+        self._held: dict[str, dict[int, str]] = {}
         self._lock = threading.Lock()
 
     def _first_free(self, scope: str, limit: int) -> int | None:
-        held = self._held.setdefault(scope, set())
+        held = self._held.setdefault(scope, {})
         return next((i for i in range(limit) if i not in held), None)
 
     def try_acquire(self, pool: PoolConfig, run_id: str) -> Lease | None:
@@ -103,8 +103,8 @@ class LocalSlots:
             k = self._first_free(_CLUSTER, self.cluster.burst)
             if i is None or k is None:
                 return None
-            self._held[pool.name].add(i)
-            self._held[_CLUSTER].add(k)
+            self._held[pool.name][i] = run_id
+            self._held[_CLUSTER][k] = run_id
             return _lease(pool, self.cluster, run_id, i, k)
 
     def renew(self, lease: Lease) -> bool:
@@ -112,8 +112,10 @@ class LocalSlots:
 
     def release(self, lease: Lease) -> None:
         with self._lock:
-            self._held.get(lease.pool, set()).discard(lease.pool_slot)
-            self._held.get(_CLUSTER, set()).discard(lease.cluster_slot)
+            for scope, slot in ((lease.pool, lease.pool_slot), (_CLUSTER, lease.cluster_slot)):
+                held = self._held.get(scope, {})
+                if held.get(slot) == lease.run_id:
+                    del held[slot]
 
     def in_use(self) -> dict[str, int]:
         with self._lock:
