@@ -42,63 +42,30 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
 if str(BENCH_DIR) not in sys.path:
-    sys.path.insert(0, str(BENCH_DIR))  # _noop_crew, _raw_celery
+    sys.path.insert(0, str(BENCH_DIR))  # _common, _noop_crew, _raw_celery
+
+from _common import (  # noqa: E402
+    DEFAULT_REDIS,
+    POOL,
+    READY_TIMEOUT_S,
+    Cleanup,
+    cleanup_redis,
+    log_tail,
+    raise_exit,
+    start_pair,
+)
 
 TARGET_P50_DONE_RATIO = 1.25
-DEFAULT_REDIS = "redis://127.0.0.1:6390/0"
-POOL = "bench"
-READY_TIMEOUT_S = 90.0
 RUN_TIMEOUT_S = 30.0
-
-
-# -- process and resource clean-up --------------------------------------------------------------
-class Cleanup:
-    """Stops what the benchmark started, in reverse order, once (finally + atexit + signals)."""
-
-    def __init__(self) -> None:
-        self._steps: list[tuple[str, Callable[[], None]]] = []
-        self._done = False
-
-    def add(self, what: str, step: Callable[[], None]) -> None:
-        self._steps.append((what, step))
-
-    def run(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        for what, step in reversed(self._steps):
-            try:
-                step()
-            except Exception as exc:  # keep cleaning up
-                print(f"cleanup: {what}: {exc!r}", file=sys.stderr)
-
-
-def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
-    """SIGTERM (Celery's warm shutdown), then SIGKILL to the process group it leads."""
-    if proc.poll() is None:
-        proc.terminate()
-        with suppress(subprocess.TimeoutExpired):
-            proc.wait(grace_s)
-    with suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)  # its own session: only its prefork children
-    with suppress(subprocess.TimeoutExpired):
-        proc.wait(5)
-
-
-def _raise_exit(signum: int, _frame: Any) -> None:
-    raise SystemExit(128 + signum)
 
 
 # -- samples and statistics ---------------------------------------------------------------------
@@ -128,95 +95,6 @@ def percentile(values: list[float], q: float) -> float:
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:8.2f}"
-
-
-# -- set-up ---------------------------------------------------------------------------------------
-def child_env(extra: dict[str, str]) -> dict[str, str]:
-    """This environment without the caller's TYPHON_* settings, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TYPHON_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BENCH_DIR), env.get("PYTHONPATH")) if p)
-    env.update(extra)
-    return env
-
-
-def prepare_database(url: str | None, tmp: Path, cleanup: Cleanup) -> tuple[str, str]:
-    """The run store URL to use and a description. PostgreSQL: a fresh schema, dropped at exit."""
-    if not url:
-        url = os.environ.get("TYPHON_TEST_POSTGRES_URL") or ""
-    if not url:
-        path = tmp / "runs.db"
-        return f"sqlite:///{path}", f"sqlite file {path}"
-    if url.startswith("sqlite"):
-        return url, url
-    import sqlalchemy as sa
-
-    from typhon.store import normalize_database_url
-
-    base = normalize_database_url(url)
-    if "?" in base:
-        return base, f"{base} (as given)"
-    schema = f"typhon_bench_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(base)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-
-    def drop() -> None:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        admin.dispose()
-
-    cleanup.add(f"drop schema {schema}", drop)
-    return f"{base}?options=-csearch_path%3D{schema}", f"{base} (schema {schema})"
-
-
-def write_config(tmp: Path, broker: str, database: str, queue: str) -> Path:
-    import yaml
-
-    config = {
-        "home": str(tmp / "home"),
-        "broker_url": broker,
-        "database_url": database,
-        "pools": [{"name": POOL, "queue": queue, "cap": 1}],
-        "crews": {"noop": {"pool": POOL}},
-        "crew_modules": ["_noop_crew"],
-    }
-    path = tmp / "typhon.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def console_script(name: str) -> list[str]:
-    script = Path(sys.executable).parent / name
-    return [str(script)] if script.exists() else [sys.executable, "-m", name]
-
-
-def start_worker(
-    argv: list[str], env: dict[str, str], log: Path, cwd: Path, cleanup: Cleanup
-) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    cleanup.add(f"stop {' '.join(argv[:3])}", lambda: stop_process(proc))
-    return proc
-
-
-def log_tail(path: Path, lines: int = 25) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def cleanup_redis(url: str, queues: list[str]) -> None:
-    import redis
-
-    client = redis.Redis.from_url(url)
-    try:
-        prefixes = ("", "_kombu.binding.", "_kombu.binding_permanent.")  # kombu's keys per queue
-        client.delete(*(prefix + q for q in queues for prefix in prefixes))
-    finally:
-        client.close()
 
 
 # -- the two contestants ----------------------------------------------------------------------
@@ -504,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cleanup = Cleanup()
     atexit.register(cleanup.run)
-    signal.signal(signal.SIGTERM, _raise_exit)
+    signal.signal(signal.SIGTERM, raise_exit)
     try:
         run(args, cleanup)
     finally:
@@ -513,45 +391,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, cleanup: Cleanup) -> None:
-    import shutil
+    pair = start_pair(args.broker_url, args.database_url, cleanup, concurrency=1)
+    t_queue, r_queue = pair.t_queue, pair.r_queue
+    p_queue = f"probe-bench-{pair.tag}"  # a queue nobody consumes, for --breakdown
+    cleanup.add("delete probe queue", lambda: cleanup_redis(args.broker_url, [p_queue]))
+    config, db_desc, t_argv, r_argv = pair.config, pair.db_desc, pair.t_argv, pair.r_argv
 
-    tmp = Path(tempfile.mkdtemp(prefix="typhon-bench-"))
-    cleanup.add(f"remove {tmp}", lambda: shutil.rmtree(tmp, ignore_errors=True))
-    (tmp / "home").mkdir()
-    tag = uuid.uuid4().hex[:8]
-    t_queue, r_queue, p_queue = (f"{k}-bench-{tag}" for k in ("typhon", "raw", "probe"))
-    queues = [t_queue, r_queue, p_queue]
-    cleanup.add("delete bench queues", lambda: cleanup_redis(args.broker_url, queues))
-    db_url, db_desc = prepare_database(args.database_url, tmp, cleanup)
-    config_path = write_config(tmp, args.broker_url, db_url, t_queue)
-
-    from typhon.config import load_config
     from typhon.logging import configure_logging
     from typhon.orchestrator import Typhon
-    from workers.celery_app import worker_argv
 
-    env = child_env(
-        {
-            "TYPHON_CONFIG": str(config_path),
-            "TYPHON_HOME": str(tmp / "home"),
-            "BENCH_BROKER_URL": args.broker_url,
-            "BENCH_RAW_QUEUE": r_queue,
-        }
-    )
-    config = load_config(config_path, environ={"TYPHON_HOME": str(tmp / "home")})
     configure_logging("warning")
-
-    # Same worker argv as `typhon worker --pool bench`, but the raw queue and node name.
-    raw_argv = [
-        a.replace(f"--queues={t_queue}", f"--queues={r_queue}").replace(
-            f"--hostname={POOL}@", "--hostname=rawbench@"
-        )
-        for a in worker_argv(config, POOL)
-    ]
-    t_argv = [*console_script("typhon"), "--config", str(config_path), "worker", "--pool", POOL]
-    r_argv = [*console_script("celery"), "-A", "_raw_celery", *raw_argv]
-    t_proc = start_worker(t_argv, env, tmp / "typhon-worker.log", tmp, cleanup)
-    r_proc = start_worker(r_argv, env, tmp / "raw-worker.log", tmp, cleanup)
 
     from _raw_celery import make_app
 
@@ -571,8 +420,8 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> None:
         f" raw: AsyncResult.get(interval={args.poll_s}) returns (Redis pub/sub)"
     )
     contestants: list[Contestant] = [
-        TyphonContestant(typhon, t_proc, tmp / "typhon-worker.log", None),
-        RawContestant(raw_app, r_queue, r_proc, tmp / "raw-worker.log", args.poll_s),
+        TyphonContestant(typhon, pair.t_proc, pair.t_log, None),
+        RawContestant(raw_app, r_queue, pair.r_proc, pair.r_log, args.poll_s),
     ]
     for c in contestants:
         print(f"  {c.name} worker ready after {c.wait_ready():.1f}s")
