@@ -120,19 +120,42 @@ def pg_schema_url(postgres_url: str) -> Iterator[str]:
 class Cluster:
     """A Typhon config on real Redis + PostgreSQL, and `typhon worker` processes serving it."""
 
-    def __init__(self, tmp_path: Path, redis_url: str, database_url: str, crews_module: str):
-        self.dir = tmp_path / "cluster"
+    def __init__(
+        self,
+        tmp_path: Path,
+        redis_url: str,
+        database_url: str,
+        crews_module: str,
+        *,
+        pools: dict[str, str] | None = None,
+        extra_yaml: str = "",
+    ):
+        """``pools`` maps pool name -> its YAML flow mapping without name/queue, e.g.
+        ``{"research": "cap: 2, burst_cap: 3"}``; queues and the cluster name are unique."""
+        tag = uuid.uuid4().hex[:8]
+        self.dir = tmp_path / f"cluster-{tag}"
         self.dir.mkdir()
         self.home = self.dir / "home"
-        self.queue = f"research-{uuid.uuid4().hex[:8]}"
+        self.redis_url = redis_url
+        self.name = f"test{tag}"
+        self.queues = {name: f"{name}-{tag}" for name in (pools or {"research": "cap: 2"})}
+        self.queue = self.queues.get("research", "")
         (self.dir / "cluster_crews.py").write_text(crews_module)
         self.config_path = self.dir / "typhon.yaml"
+        pool_lines = "".join(
+            f"  - {{name: {name}, queue: {self.queues[name]}, {spec}}}\n"
+            for name, spec in (pools or {"research": "cap: 2"}).items()
+        )
         self.config_path.write_text(
             f"broker_url: {redis_url}\n"
             f"database_url: '{database_url}'\n"
-            f"pools:\n  - {{name: research, queue: {self.queue}, cap: 2}}\n"
+            f"pools:\n{pool_lines}"
             "crew_modules: [cluster_crews]\n"
+            f"{extra_yaml}"
         )
+        if "cluster:" not in extra_yaml:
+            with self.config_path.open("a") as f:
+                f.write(f"cluster: {{name: {self.name}}}\n")
         self.env = {
             **os.environ,
             "PYTHONPATH": str(self.dir),
@@ -141,16 +164,30 @@ class Cluster:
         }
         self.workers: list[subprocess.Popen[bytes]] = []
 
-    def start_worker(self, *args: str) -> subprocess.Popen[bytes]:
+    def start_worker(self, *args: str, pool: str = "research") -> subprocess.Popen[bytes]:
+        """A `typhon worker` in a session of its own (so a test can kill its whole group)."""
+        return self._spawn(["worker", "--pool", pool, "--loglevel", "INFO", *args])
+
+    def start_beat(self) -> subprocess.Popen[bytes]:
+        return self._spawn(["beat", "--loglevel", "INFO"])
+
+    def _spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
         with open(self.dir / f"worker-{len(self.workers)}.log", "wb") as log:
             proc = subprocess.Popen(
-                [TYPHON_BIN, "worker", "--pool", "research", "--loglevel", "INFO", *args],
+                [TYPHON_BIN, *argv],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.workers.append(proc)
         return proc
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        """kill -9 the worker and its children, as a crash would."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
     def worker_log(self) -> str:
         return "\n".join(
@@ -170,9 +207,23 @@ class Cluster:
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         _kill_local_servers(self.home)
+        self._clean_redis()
+
+    def _clean_redis(self) -> None:
+        """Drop this cluster's queues and slot keys from the shared test Redis."""
+        import redis
+
+        with contextlib.suppress(Exception):
+            client = redis.Redis.from_url(self.redis_url)
+            keys = list(client.scan_iter(match=f"typhon:{self.name}:*"))
+            keys += [q.encode() for q in self.queues.values()]
+            if keys:
+                client.delete(*keys)
+            client.close()
 
 
 def _kill_local_servers(home: Path) -> None:
@@ -185,11 +236,11 @@ def _kill_local_servers(home: Path) -> None:
 @pytest.fixture
 def make_cluster(
     tmp_path: Path, redis_url: str, pg_schema_url: str
-) -> Iterator[Callable[[str], Cluster]]:
+) -> Iterator[Callable[..., Cluster]]:
     made: list[Cluster] = []
 
-    def make(crews_module: str = "") -> Cluster:
-        cluster = Cluster(tmp_path, redis_url, pg_schema_url, crews_module)
+    def make(crews_module: str = "", **kwargs: Any) -> Cluster:
+        cluster = Cluster(tmp_path, redis_url, pg_schema_url, crews_module, **kwargs)
         made.append(cluster)
         return cluster
 
