@@ -17,7 +17,7 @@ import structlog
 
 from typhon._notify import Notifier, notifier_for
 from typhon._types import RunRecord, RunStatus, Usage
-from typhon.config import TyphonConfig
+from typhon.config import CrewSettings, TyphonConfig
 from typhon.context import RunContext
 from typhon.crews import CrewOutput, CrewRegistry, default_registry
 from typhon.errors import CrewTimeoutError, ModelUnavailableError, RunCancelled, TyphonError
@@ -198,7 +198,7 @@ def execute_run(runtime: Runtime, run_id: str, pool_name: str | None = None) -> 
 def _run(runtime: Runtime, record: RunRecord) -> RunStatus:
     settings = runtime.config.crew_settings(record.crew)
     guard = _Guard(runtime.store, record.id, record.attempts, settings.timeout_s)
-    recorded, outcome = _run_with_retries(runtime, record, guard, settings.max_retries)
+    recorded, outcome = _run_with_retries(runtime, record, guard, settings)
     if not recorded:
         outcome = runtime.store.status(record.id)
         log.info("outcome ignored: run already finished or taken back", status=outcome.value)
@@ -208,10 +208,10 @@ def _run(runtime: Runtime, record: RunRecord) -> RunStatus:
 
 
 def _run_with_retries(
-    runtime: Runtime, record: RunRecord, guard: _Guard, max_retries: int
+    runtime: Runtime, record: RunRecord, guard: _Guard, settings: CrewSettings
 ) -> tuple[bool, RunStatus]:
     """Run the crew; after a transient model error, run it again (exponential backoff)."""
-    store, run_id = runtime.store, record.id
+    store, run_id, max_retries = runtime.store, record.id, settings.max_retries
     for retry in range(max_retries + 1):
         try:
             output = _attempt(runtime, record, record.model, guard)
@@ -223,7 +223,7 @@ def _run_with_retries(
                     run_id, RunStatus.FAILED, error=str(exc), attempt=record.attempts
                 )
                 return failed, RunStatus.FAILED
-            delay = min(2.0 ** (retry + 1), 60.0)
+            delay = min(settings.retry_backoff_s * 2.0**retry, 60.0)
             store.add_event(
                 run_id, "retry", {"retry": retry + 1, "delay_s": delay, "error": str(exc)}
             )

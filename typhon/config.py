@@ -190,6 +190,7 @@ class CrewSettings(_Strict):
     timeout_s: float = Field(default=900, gt=0)
     hard_timeout_s: float | None = Field(default=None, gt=0)
     max_retries: int = Field(default=2, ge=0, le=10)
+    retry_backoff_s: float = Field(default=2.0, gt=0)
     max_tokens: int = Field(default=512, ge=16)
     temperature: float = Field(default=0.2, ge=0, le=2)
 

@@ -202,3 +202,103 @@ def test_fixed_model_and_pool_from_class(config: TyphonConfig, registry: CrewReg
 def test_run_handle_for_unknown_id(config: TyphonConfig, registry: CrewRegistry) -> None:
     with make(config, registry) as typhon, pytest.raises(RunNotFoundError):
         typhon.run("nope")
+
+
+def _with_crew_settings(config: TyphonConfig, **settings: object) -> TyphonConfig:
+    from typhon.config import CrewSettings
+
+    return config.model_copy(update={"crews": {"echo": CrewSettings(**settings)}})  # type: ignore[arg-type]
+
+
+def test_transient_model_error_is_retried(config: TyphonConfig, registry: CrewRegistry) -> None:
+    down = ModelUnavailableError("model 'local' at x answered 503", alias="local", url="x")
+    config = _with_crew_settings(config, max_retries=2, retry_backoff_s=0.01)
+    with make(config, registry, down, "recovered") as typhon:
+        handle = typhon.submit("echo", "x")
+        record = handle.wait(30)
+        retries = [e.data for e in typhon.store.events(handle.run_id) if e.kind == "retry"]
+    assert (record.status, record.output) == (RunStatus.SUCCEEDED, "recovered")
+    assert len(retries) == 1 and "503" in retries[0]["error"]
+
+
+def test_retries_run_out(config: TyphonConfig, registry: CrewRegistry) -> None:
+    down = ModelUnavailableError("model 'local' at x answered 503", alias="local", url="x")
+    config = _with_crew_settings(config, max_retries=1, retry_backoff_s=0.01)
+    with make(config, registry, down) as typhon:
+        record = typhon.submit("echo", "x").wait(30)
+    assert record.status is RunStatus.FAILED and "503" in str(record.error)
+
+
+def test_other_model_errors_are_not_retried(config: TyphonConfig, registry: CrewRegistry) -> None:
+    from typhon.errors import ModelResponseError
+
+    bad = ModelResponseError("model 'local' at x refused the request (400)", alias="local", url="x")
+    config = _with_crew_settings(config, max_retries=3, retry_backoff_s=0.01)
+    model = ScriptedModel(bad, "never")
+    with Typhon(config, registry=registry, models=ScriptedModels(config, model)) as typhon:
+        record = typhon.submit("echo", "x").wait(30)
+    assert record.status is RunStatus.FAILED and len(model.calls) == 1
+
+
+def test_soft_time_limit_stops_the_crew(config: TyphonConfig, registry: CrewRegistry) -> None:
+    import time
+
+    @crew("dawdle", registry=registry)
+    def dawdle(ctx: RunContext) -> str:
+        while True:
+            ctx.step("still going")
+            time.sleep(0.02)
+
+    from typhon.config import CrewSettings
+
+    config = config.model_copy(update={"crews": {"dawdle": CrewSettings(timeout_s=0.2)}})
+    with make(config, registry) as typhon:
+        record = typhon.submit("dawdle", "x").wait(30)
+    assert record.status is RunStatus.FAILED
+    assert "ran past its time limit of 0.2s" in str(record.error)
+
+
+def test_in_process_caps_hold(config: TyphonConfig, registry: CrewRegistry) -> None:
+    """Embedded mode enforces the same caps: per pool (threads and slots) and cluster-wide."""
+    import time
+
+    from typhon.config import ClusterConfig, PoolConfig
+
+    @crew("nap", registry=registry, pool="research")
+    def nap(ctx: RunContext) -> str:
+        time.sleep(0.05)
+        return "ok"
+
+    @crew("nap2", registry=registry, pool="monitoring")
+    def nap2(ctx: RunContext) -> str:
+        time.sleep(0.05)
+        return "ok"
+
+    config = config.model_copy(
+        update={
+            "pools": [
+                PoolConfig(name="research", cap=2, burst_cap=3),
+                PoolConfig(name="monitoring", cap=2),
+            ],
+            "cluster": ClusterConfig(sustained=3, burst=4),
+        }
+    )
+    with make(config, registry) as typhon:
+        handles = [typhon.submit(name, "x") for _ in range(15) for name in ("nap", "nap2")]
+        records = [h.wait(60) for h in handles]
+    spans = sorted((r.started_at, r.finished_at, r.pool) for r in records)
+
+    def peak(pool: str | None) -> int:
+        events = sorted(
+            [(s, 1) for s, _, p in spans if pool in (None, p)]
+            + [(e, -1) for _, e, p in spans if pool in (None, p)]
+        )
+        best = now = 0
+        for _, d in events:
+            now += d
+            best = max(best, now)
+        return best
+
+    assert {r.status for r in records} == {RunStatus.SUCCEEDED}
+    assert peak("research") <= 3 and peak("monitoring") <= 2 and peak(None) <= 4
+    assert peak(None) >= 3  # the caps were reached, not just respected
