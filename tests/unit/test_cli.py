@@ -190,3 +190,79 @@ def test_worker_refuses_cpus_the_host_lacks() -> None:
         have,
         f"0-{max(os.sched_getaffinity(0))}",
     )
+
+
+def test_pools_from_live_state(noop_env: dict[str, str]) -> None:
+    assert typhon("run", "noop", "x", env=noop_env).returncode == 0
+    result = typhon("pools", "--json", env=noop_env)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    pools = {p["name"]: p for p in data["pools"]}
+    assert {n: p["cap"] for n, p in pools.items()} == {
+        "research": 4, "development": 2, "creative": 2, "monitoring": 4,
+    }  # fmt: skip
+    assert all(p["running"] == p["queued"] == p["slots_in_use"] == 0 for p in pools.values())
+    assert (data["cluster"]["sustained"], data["cluster"]["burst"]) == (12, 20)
+
+
+def test_hydra_profile_pools(tmp_path: Path) -> None:
+    path = tmp_path / "h.yaml"
+    path.write_text("profile: hydra\n")
+    data = json.loads(typhon("--config", str(path), "pools", "--json").stdout)
+    assert [(p["name"], p["cap"], p["cpuset"]) for p in data["pools"]] == [
+        ("research", 4, "28-33"), ("development", 2, "36-41"),
+        ("creative", 2, "34-35"), ("monitoring", 4, "42-43"),
+    ]  # fmt: skip
+    assert data["cluster"]["burst_cpuset"] == "44-55"
+
+
+def test_overlapping_cpusets_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "pools:\n  - {name: research, cap: 4, cpuset: '28-35'}\n"
+        "  - {name: development, cap: 2, cpuset: '34-41'}\n"
+    )
+    result = typhon("--config", str(path), "pools")
+    assert result.returncode == 2
+    line = one_error_line(result.stderr)
+    assert str(path) in line and "pools.development.cpuset (34-41) overlaps" in line
+
+
+def test_unknown_pool_exit_2() -> None:
+    env = {"TYPHON_BROKER_URL": "redis://127.0.0.1:1/0"}
+    result = typhon("worker", "--pool", "nosuch", env=env)
+    assert result.returncode == 2
+    assert "no pool 'nosuch' (configured pools: research" in one_error_line(result.stderr)
+
+
+def test_hardware_without_gpu_is_not_an_error() -> None:
+    result = typhon("hardware", "--json")
+    assert result.returncode == 0, result.stderr
+    local = json.loads(result.stdout)["local"]
+    assert local["cpu"]["threads"] == os.cpu_count()
+    if not Path("/proc/driver/nvidia").exists():
+        assert local["gpus"] == [] and local["gpu_note"]
+
+
+def test_placement_of_the_seed_cluster() -> None:
+    hydra = Path(__file__).resolve().parents[2] / "deploy" / "typhon.hydra.yaml"
+    result = typhon("--config", str(hydra), "placement", "--json")
+    assert result.returncode == 0, result.stderr
+    placed = {a: p["node"] for p in json.loads(result.stdout)["placements"] for a in p["aliases"]}
+    assert placed["gpt-4"] == placed["llama-70b"] == "hydra-ai"
+    assert placed["gpt-3.5-turbo"] == placed["codellama"] == "hydra-compute"
+
+
+def test_placement_that_fits_nowhere_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "big.yaml"
+    path.write_text(
+        "nodes:\n  - {name: small, gpus: [{name: T4, vram_gb: 16}]}\n"
+        "models:\n  - model_name: huge\n    litellm_params: {model: openai/x, "
+        "api_base: 'http://127.0.0.1:9/v1'}\n    model_info: {parameters_b: 70, "
+        "quantization_bits: 16, context_length: 8192}\n"
+        "routing: {simple: huge, complex: huge, code: huge, creative: huge}\n"
+    )
+    result = typhon("--config", str(path), "placement")
+    assert result.returncode == 2
+    line = one_error_line(result.stderr)
+    assert "model 'huge' needs" in line and "16.0 GiB" in line

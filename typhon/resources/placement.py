@@ -517,11 +517,17 @@ def _sizing(spec: ModelSpec) -> tuple[Any, ...]:
     )
 
 
+_LOCAL_REASON = "runs on this host's CPU (a llama-server Typhon starts itself), not on a GPU node"
+
+
 def _deployments(config: TyphonConfig) -> list[_Deployment]:
     groups: dict[tuple[str, str, str], _Deployment] = {}
     for entry in config.models:
         params = entry.litellm_params
         key = (params.model, params.api_base or "", params.model_path or "")
+        if params.provider == "local":  # a llama-server Typhon starts on this host's CPUs
+            groups[key] = _Deployment([entry.model_name], None, _LOCAL_REASON)
+            continue
         spec, why = _spec(entry)
         group = groups.get(key)
         if group is None:
