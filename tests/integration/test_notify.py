@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-from typhon._notify import LocalNotifier, Notifier, RedisNotifier, notifier_for
+from typhon._notify import LocalNotifier, Notifier, RedisNotifier, channel, notifier_for
 
 
 @pytest.fixture(params=["local", "redis"])
@@ -41,3 +45,92 @@ def test_unreachable_redis_degrades_to_polling() -> None:
     down.publish("run-d")  # lost, not raised: waiters read the store again after poll_s
     with down.subscribe("run-d") as sub:
         assert sub.wait(0.05) is False
+
+
+# -- Redis: one subscriber connection per process --------------------------------------------------
+def _redis(redis_url: str) -> Any:
+    import redis
+
+    return redis.Redis.from_url(redis_url)
+
+
+def _subscribers(client: Any, run_id: str) -> int:
+    return int(client.pubsub_numsub(channel(run_id))[0][1])
+
+
+def _until(what: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def _listener_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name == "typhon-notify")
+
+
+def test_waiters_share_one_subscriber_connection(redis_url: str) -> None:
+    client = _redis(redis_url)
+    notifier = RedisNotifier(redis_url)
+    ids = [f"run-{uuid.uuid4().hex}" for _ in range(20)]
+    woken: dict[str, bool] = {}
+    pubsub_clients = len(client.client_list(_type="pubsub"))
+
+    def wait(run_id: str) -> None:
+        with notifier.subscribe(run_id) as sub:
+            woken[run_id] = sub.wait(30)
+
+    threads = [threading.Thread(target=wait, args=(run_id,)) for run_id in ids]
+    for thread in threads:
+        thread.start()
+    _until(lambda: all(_subscribers(client, run_id) == 1 for run_id in ids))
+    assert len(client.client_list(_type="pubsub")) == pubsub_clients + 1
+    for run_id in ids:
+        notifier.publish(run_id)
+    for thread in threads:
+        thread.join(30)
+    assert woken == dict.fromkeys(ids, True)
+    _until(lambda: all(_subscribers(client, run_id) == 0 for run_id in ids))  # unsubscribed
+    notifier.close()
+    client.close()
+
+
+def test_two_waiters_on_one_run(redis_url: str) -> None:
+    client = _redis(redis_url)
+    notifier = RedisNotifier(redis_url)
+    with notifier.subscribe("run-e") as first:
+        with notifier.subscribe("run-e") as second:
+            notifier.publish("run-e")
+            assert first.wait(30) is True and second.wait(30) is True
+        assert _subscribers(client, "run-e") == 1  # the other waiter still listens
+        notifier.publish("run-e")
+        assert first.wait(30) is True
+    _until(lambda: _subscribers(client, "run-e") == 0)
+    notifier.close()
+    client.close()
+
+
+def test_a_lost_connection_wakes_waiters_and_is_restored(redis_url: str) -> None:
+    """Notifications sent while the connection is down are lost: every waiter is woken to read
+    the store again, and the listener reconnects and subscribes again."""
+    client = _redis(redis_url)
+    notifier = RedisNotifier(redis_url)
+    with notifier.subscribe("run-f") as sub:
+        assert sub.wait(0.05) is False
+        client.client_kill_filter(_type="pubsub")
+        assert sub.wait(30) is True
+        _until(lambda: _subscribers(client, "run-f") == 1)
+        notifier.publish("run-f")
+        assert sub.wait(30) is True
+    notifier.close()
+    client.close()
+
+
+def test_close_stops_the_listener(redis_url: str) -> None:
+    before = _listener_threads()
+    notifier = RedisNotifier(redis_url)
+    with notifier.subscribe("run-g") as sub:
+        assert sub.wait(0.01) is False
+    assert _listener_threads() == before + 1
+    notifier.close()
+    assert _listener_threads() == before
