@@ -226,9 +226,44 @@ class RunStore:
 
         return self._run(in_tx, tx=True)
 
-    def _pg(self, sql: str, params: dict[str, Any]) -> Any:
-        """One of the hot-path statements on PostgreSQL, sent as it is (autocommit)."""
-        return self._run(lambda conn: conn.exec_driver_sql(sql, params).mappings().first())
+    def _pg(self, sql: str, params: dict[str, Any]) -> dict[str, Any] | None:
+        """One of the hot-path statements on PostgreSQL, in autocommit: sent as it is on the
+        pooled psycopg connection (one round trip, and no SQLAlchemy connection, statement or
+        result objects around it), its first row as a dict. As in :meth:`_run`, a connection
+        found dead is replaced and the statement tried once more; errors are raised as
+        SQLAlchemy's ``DBAPIError`` subclasses, like those of every other statement."""
+        from psycopg import Error
+        from psycopg.rows import dict_row
+
+        if not self._migrated:
+            self.migrate()
+        for attempt in (1, 2):
+            pooled = self.engine.raw_connection()
+            conn: Any = pooled.driver_connection
+            switch = not conn.autocommit
+            try:
+                if switch:
+                    conn.autocommit = True
+                with conn.cursor(row_factory=dict_row) as cur:
+                    cur.execute(sql, params)
+                    return cur.fetchone() if cur.description is not None else None
+            except Error as exc:
+                dead = self.engine.dialect.is_disconnect(exc, conn, None)  # type: ignore[arg-type]
+                if dead:
+                    pooled.invalidate(exc)
+                if attempt == 2 or not dead:
+                    raise sa.exc.DBAPIError.instance(
+                        sql, params, exc, Error, connection_invalidated=dead,
+                        dialect=self.engine.dialect,
+                    ) from exc  # fmt: skip
+            finally:
+                if switch and pooled.is_valid:
+                    try:
+                        conn.autocommit = False  # back as SQLAlchemy's transactions expect it
+                    except Error:
+                        pooled.invalidate()
+                pooled.close()
+        raise AssertionError("unreachable")
 
     # -- runs ------------------------------------------------------------------------------------
     def create_run(
@@ -278,6 +313,7 @@ class RunStore:
         return record
 
     def get(self, run_id: str) -> RunRecord:
+        row: Any
         if self.dialect == "postgresql":
             row = self._pg("SELECT * FROM runs WHERE id = %(id)s", {"id": run_id})
         else:

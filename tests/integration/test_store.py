@@ -522,3 +522,21 @@ def test_dead_connections_are_replaced(postgres_url: str) -> None:
         assert store.claim(run.id) is not None
     finally:
         store.close()
+
+
+def test_a_refused_statement_leaves_the_store_usable(store: RunStore) -> None:
+    """A duplicate id is refused with SQLAlchemy's IntegrityError on both backends, and the
+    connections that the hot path (create, status, get, claim, finish) used still hold
+    transactions together afterwards: a rolled-back transaction changes nothing."""
+    from typhon.store import runs
+
+    run_id = _new(store, run_id="dup")
+    with pytest.raises(sa.exc.IntegrityError):
+        store.create_run(crew="c", input="i", pool="p", run_id="dup")
+    assert store.status(run_id) is RunStatus.QUEUED
+    assert store.claim(run_id) is not None
+    with pytest.raises(RuntimeError), store.engine.begin() as conn:
+        conn.execute(runs.update().where(runs.c.id == run_id).values(crew="changed"))
+        raise RuntimeError("roll back")
+    assert store.get(run_id).crew == "research"
+    assert store.finish(run_id, RunStatus.SUCCEEDED, output="ok")
