@@ -6,11 +6,13 @@ dispatcher both call it, so embedded and cluster runs behave the same.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import structlog
@@ -54,12 +56,14 @@ class Runtime:
         self.registry = registry or default_registry()
         self.registry.load_modules(config.crew_modules)
         self.models = models or ModelRegistry(config)
+        self.heartbeats = _Heartbeats(self)
 
     @property
     def artifacts_root(self) -> Path:
         return self.config.home / "artifacts"
 
     def close(self) -> None:
+        self.heartbeats.close()
         self.models.close()
         self.store.close()
         self.notifier.close()
@@ -107,35 +111,84 @@ class _Guard:
             raise CrewTimeoutError(self.run_id, self.limit_s)
 
 
-class _Heartbeat:
-    """Renews the run's slot lease and its heartbeat every third of the lease TTL."""
+class _Heartbeats:
+    """One thread per process: every third of the lease TTL it renews the slot leases of the
+    runs this process is running and marks each of those runs alive in the store.
 
-    def __init__(self, runtime: Runtime, lease: Lease, run_id: str):
+    A run is beaten from :meth:`beating` entry to exit; exit waits for a renewal of that run
+    that is under way, so that no renewal retakes slots after they have been released."""
+
+    def __init__(self, runtime: Runtime):
         self._runtime = runtime
-        self._lease = lease
-        self._run_id = run_id
+        self._lock = threading.Lock()
+        self._beats: set[_Beat] = set()
         self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._loop, name=f"heartbeat-{run_id[:8]}", daemon=True
-        )
+        self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
+    @contextlib.contextmanager
+    def beating(self, run_id: str, lease: Lease) -> Iterator[None]:
+        beat = _Beat(run_id, lease)
+        with self._lock:
+            self._beats.add(beat)
+            if self._thread is None or not self._thread.is_alive():  # first run, or forked
+                self._stop.clear()
+                self._thread = threading.Thread(
+                    target=self._loop, name="typhon-heartbeat", daemon=True
+                )
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._beats.discard(beat)
+            # wait out a renewal under way (bounded, as a thread join would be)
+            got = beat.lock.acquire(timeout=5)
+            beat.ended = True
+            if got:
+                beat.lock.release()
 
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
 
     def _loop(self) -> None:
         interval = self._runtime.config.cluster.lease_ttl_s / 3
         while not self._stop.wait(interval):
-            try:
-                if not self._runtime.slots.renew(self._lease):
-                    log.warning("slot lease lost and not retaken", run_id=self._run_id)
-                self._runtime.store.heartbeat(self._run_id)
-            except Exception as exc:  # Redis or the database away: keep running, retry later
-                log.warning("heartbeat failed; retrying", run_id=self._run_id, error=str(exc))
+            with self._lock:
+                beats = list(self._beats)
+            # leases first: a slow database must not let them expire
+            for step in (self._renew, self._heartbeat):
+                for beat in beats:
+                    with beat.lock:
+                        if not beat.ended:
+                            step(beat)
+
+    def _renew(self, beat: _Beat) -> None:
+        try:
+            if not self._runtime.slots.renew(beat.lease):
+                log.warning("slot lease lost and not retaken", run_id=beat.run_id)
+        except Exception as exc:  # Redis away: keep running, retry later
+            log.warning("heartbeat failed; retrying", run_id=beat.run_id, error=str(exc))
+
+    def _heartbeat(self, beat: _Beat) -> None:
+        try:
+            self._runtime.store.heartbeat(beat.run_id)
+        except Exception as exc:  # the database away: keep running, retry later
+            log.warning("heartbeat failed; retrying", run_id=beat.run_id, error=str(exc))
+
+
+class _Beat:
+    """A run being beaten: its lease, and a lock held while it is renewed."""
+
+    __slots__ = ("ended", "lease", "lock", "run_id")
+
+    def __init__(self, run_id: str, lease: Lease):
+        self.run_id = run_id
+        self.lease = lease
+        self.lock = threading.Lock()
+        self.ended = False
 
 
 def _pin_burst(runtime: Runtime, lease: Lease) -> set[int] | None:
@@ -182,7 +235,7 @@ def execute_run(runtime: Runtime, run_id: str, pool_name: str | None = None) -> 
         pinned = _pin_burst(runtime, lease)
         try:
             with (
-                _Heartbeat(runtime, lease, run_id),
+                runtime.heartbeats.beating(run_id, lease),
                 structlog.contextvars.bound_contextvars(run_id=run_id, crew=claimed.crew),
             ):
                 outcome = _run(runtime, claimed)
