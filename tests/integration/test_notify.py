@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 
 from typhon._notify import LocalNotifier, Notifier, RedisNotifier, channel, notifier_for
+from typhon.config import ClusterConfig, PoolConfig
+from typhon.resources.slots import RedisSlots
 
 
 @pytest.fixture(params=["local", "redis"])
@@ -134,3 +136,18 @@ def test_close_stops_the_listener(redis_url: str) -> None:
     assert _listener_threads() == before + 1
     notifier.close()
     assert _listener_threads() == before
+
+
+def test_slot_release_can_publish_in_the_same_script(redis_url: str) -> None:
+    cluster = ClusterConfig(name=f"t{uuid.uuid4().hex[:8]}", sustained=1, burst=1)
+    slots = RedisSlots(redis_url, cluster, name=cluster.name)
+    notifier = RedisNotifier(redis_url)
+    pool = PoolConfig(name="research", cap=1)
+    lease = slots.try_acquire(pool, "run-h")
+    assert lease is not None
+    with notifier.subscribe("run-h") as sub:
+        slots.release(lease, publish=(channel("run-h"), "done"))
+        assert sub.wait(30) is True
+    assert slots.in_use() == {}
+    notifier.close()
+    slots.close()

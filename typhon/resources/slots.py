@@ -47,10 +47,12 @@ for _, key in ipairs(KEYS) do
 end
 return n
 """
+# Free our keys; then, given a channel and a message, publish it (the run's waiters wake).
 _RELEASE = """
 for _, key in ipairs(KEYS) do
   if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
 end
+if ARGV[2] then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
 return 1
 """
 
@@ -131,6 +133,7 @@ class RedisSlots:
     def __init__(self, url: str, cluster: ClusterConfig, *, name: str = "default"):
         import redis
 
+        self.url = url
         self.cluster = cluster
         self.prefix = f"typhon:{name}:slot:"
         self._ttl_ms = int(cluster.lease_ttl_s * 1000)
@@ -152,8 +155,11 @@ class RedisSlots:
         keys = lease.keys(self.prefix)
         return int(self._renew(keys=keys, args=[lease.run_id, self._ttl_ms])) == len(keys)
 
-    def release(self, lease: Lease) -> None:
-        self._release(keys=lease.keys(self.prefix), args=[lease.run_id])
+    def release(self, lease: Lease, *, publish: tuple[str, str] | None = None) -> None:
+        """Free the lease's slots; with ``publish`` (channel, message), also publish that
+        message on this Redis in the same script: one round trip for both."""
+        args = [lease.run_id, *(publish or ())]
+        self._release(keys=lease.keys(self.prefix), args=args)
 
     def in_use(self) -> dict[str, int]:
         counts: dict[str, int] = {}
