@@ -141,6 +141,9 @@ class Cluster:
         self.queues = {name: f"{name}-{tag}" for name in (pools or {"research": "cap: 2"})}
         self.queue = self.queues.get("research", "")
         (self.dir / "cluster_crews.py").write_text(crews_module)
+        # Each cluster's crews under the same module name: a client in this process must import
+        # this one, not the module an earlier test's cluster left in sys.modules.
+        sys.modules.pop("cluster_crews", None)
         self.config_path = self.dir / "typhon.yaml"
         pool_lines = "".join(
             f"  - {{name: {name}, queue: {self.queues[name]}, {spec}}}\n"
