@@ -246,7 +246,8 @@ class RunStore:
                     conn.autocommit = True
                 with conn.cursor(row_factory=dict_row) as cur:
                     cur.execute(sql, params)
-                    return cur.fetchone() if cur.description is not None else None
+                    row: dict[str, Any] | None = cur.fetchone()  # each of them returns rows
+                    return row
             except Error as exc:
                 dead = self.engine.dialect.is_disconnect(exc, conn, None)  # type: ignore[arg-type]
                 if dead:
