@@ -242,7 +242,7 @@ def execute_run(runtime: Runtime, run_id: str, pool_name: str | None = None) -> 
         status = store.status(run_id)
         log.info("run left the queue while waiting for a slot", run_id=run_id, status=status.value)
         return status
-    finished = False
+    ran = False  # the crew ran to an outcome (recorded or not): its waiters are told
     try:
         claimed = store.claim(run_id, worker=runtime.worker_name)
         if claimed is None:
@@ -262,9 +262,9 @@ def execute_run(runtime: Runtime, run_id: str, pool_name: str | None = None) -> 
         finally:
             if pinned is not None:
                 os.sched_setaffinity(0, pinned)
-        finished = True
+        ran = True
     finally:
-        runtime.release(lease, notify=finished)
+        runtime.release(lease, notify=ran)
     return outcome
 
 
