@@ -13,13 +13,15 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
+from typhon._types import RunRecord
 from typhon.config import TyphonConfig
 from typhon.store import RunStore
 
@@ -277,3 +279,18 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+
+
+def peak_concurrency(records: Iterable[RunRecord], pool: str | None = None) -> int:
+    """The most runs (of ``pool``, or all) that were running at once, from their recorded
+    start and finish times."""
+    events: list[tuple[datetime, int]] = []
+    for r in records:
+        if pool in (None, r.pool):
+            assert r.started_at is not None and r.finished_at is not None
+            events += [(r.started_at, 1), (r.finished_at, -1)]
+    peak = now = 0
+    for _, delta in sorted(events):
+        now += delta
+        peak = max(peak, now)
+    return peak

@@ -102,10 +102,7 @@ class CeleryDispatcher:
 
         if not self._checked:
             self.check()
-        publish(self.app, self.url, run, queue_name, self.hard_limit(run.crew))
-
-    def hard_limit(self, crew: str) -> float:
-        return self.config.crew_settings(crew).hard_limit_s
+        publish(self.app, self.config, run)  # to the run's pool queue, as queue_name names
 
     def close(self) -> None:
         self.app.close()

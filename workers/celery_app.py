@@ -94,14 +94,7 @@ def create_app(config: TyphonConfig) -> Celery:
     def reap_task() -> dict[str, list[str]]:
         runtime = _process_runtime()
         cfg = runtime.config
-
-        def republish(run: RunRecord) -> None:
-            pool = cfg.pool(run.pool)
-            publish(
-                app, cfg.broker_url or "", run, pool.queue, cfg.crew_settings(run.crew).hard_limit_s
-            )
-
-        report = reap(cfg, runtime.store, republish)
+        report = reap(cfg, runtime.store, lambda run: publish(app, cfg, run))
         return {"failed": report.failed, "requeued": report.requeued,
                 "republished": report.republished}  # fmt: skip
 
@@ -117,14 +110,20 @@ def check_broker(app: Celery, url: str) -> None:
         raise BrokerUnavailableError(url, str(exc) or type(exc).__name__) from None
 
 
-def publish(app: Celery, url: str, run: RunRecord, queue: str, hard_limit_s: float) -> None:
-    """Hand a run to its pool's queue; the worker kills it past ``hard_limit_s``."""
+def publish(app: Celery, config: TyphonConfig, run: RunRecord) -> None:
+    """Hand a run to its pool's queue; the worker kills it past its crew's hard time limit."""
     try:
         app.send_task(
-            TASK_NAME, args=[run.id, run.pool], queue=queue, retry=False, time_limit=hard_limit_s
+            TASK_NAME,
+            args=[run.id, run.pool],
+            queue=config.pool(run.pool).queue,
+            retry=False,
+            time_limit=config.crew_settings(run.crew).hard_limit_s,
         )
     except Exception as exc:
-        raise BrokerUnavailableError(url, str(exc) or type(exc).__name__) from None
+        raise BrokerUnavailableError(
+            config.broker_url or "", str(exc) or type(exc).__name__
+        ) from None
 
 
 def worker_argv(

@@ -8,11 +8,10 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import Cluster
+from conftest import Cluster, peak_concurrency
 
 from typhon import RunStatus, Typhon
 from typhon._types import RunRecord
@@ -51,15 +50,6 @@ def _wait_all(typhon: Typhon, ids: list[str], cluster: Cluster, timeout: float) 
         time.sleep(0.2)
 
 
-def _peak(intervals: list[tuple[datetime, datetime]]) -> int:
-    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
-    peak = now = 0
-    for _, delta in events:
-        now += delta
-        peak = max(peak, now)
-    return peak
-
-
 @pytest.fixture
 def caps_cluster(make_cluster: Callable[..., Cluster]) -> Iterator[Cluster]:
     cluster = make_cluster(
@@ -93,12 +83,11 @@ def test_caps_hold_under_a_burst(caps_cluster: Cluster, monkeypatch: pytest.Monk
             r.id: e.data for r in records for e in typhon.store.events(r.id) if e.kind == "burst"
         }
     assert {r.status for r in records} == {RunStatus.SUCCEEDED}
-    spans = {r.id: (r.started_at, r.finished_at) for r in records}
     ceilings = {"research": 3, "development": 1, "creative": 1, "monitoring": 2}
     for pool, ceiling in ceilings.items():
-        peak = _peak([spans[r.id] for r in records if r.pool == pool])  # type: ignore[misc]
+        peak = peak_concurrency(records, pool)
         assert peak <= ceiling, (pool, peak)
-    assert _peak(list(spans.values())) <= 6  # type: ignore[arg-type]
+    assert peak_concurrency(records) <= 6
     # a burst slot is a research slot past its cap of 2, or a cluster slot past the 5 sustained
     assert bursts, "the burst slots were never used"
     for data in bursts.values():

@@ -91,7 +91,7 @@ def test_redelivered_message_records_one_outcome(typhon: Typhon, cluster: Cluste
     record = typhon.submit("whoami", "x").wait(120)
     assert record.status is RunStatus.SUCCEEDED
     app = typhon.dispatcher.app  # type: ignore[attr-defined]
-    publish(app, "redis", record, cluster.queue, 60)  # a duplicate delivery
+    publish(app, typhon.config, record)  # a duplicate delivery
     deadline = time.monotonic() + 60
     while "run not queued; skipped" not in cluster.worker_log():
         assert time.monotonic() < deadline, cluster.worker_log()

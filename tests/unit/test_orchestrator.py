@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import peak_concurrency
 
 from typhon import RunContext, RunStatus, Typhon
 from typhon._runtime import execute_run
@@ -286,18 +287,9 @@ def test_in_process_caps_hold(config: TyphonConfig, registry: CrewRegistry) -> N
     with make(config, registry) as typhon:
         handles = [typhon.submit(name, "x") for _ in range(15) for name in ("nap", "nap2")]
         records = [h.wait(60) for h in handles]
-    spans = sorted((r.started_at, r.finished_at, r.pool) for r in records)
 
     def peak(pool: str | None) -> int:
-        events = sorted(
-            [(s, 1) for s, _, p in spans if pool in (None, p)]
-            + [(e, -1) for _, e, p in spans if pool in (None, p)]
-        )
-        best = now = 0
-        for _, d in events:
-            now += d
-            best = max(best, now)
-        return best
+        return peak_concurrency(records, pool)
 
     assert {r.status for r in records} == {RunStatus.SUCCEEDED}
     assert peak("research") <= 3 and peak("monitoring") <= 2 and peak(None) <= 4
