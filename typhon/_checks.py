@@ -7,6 +7,7 @@ from collections.abc import Callable
 import httpx
 
 from typhon.config import ModelEntry, TyphonConfig
+from typhon.models._registry import endpoint_of
 
 __all__ = ["run_checks"]
 
@@ -41,16 +42,22 @@ def _broker(url: str) -> str:
 
 
 def _model(entry: ModelEntry) -> str:
-    from typhon.models import endpoint_of, find_llama_server
+    from typhon.models import ModelRegistry, find_llama_server
 
     params = entry.litellm_params
     if params.provider == "local":
         return f"llama-server at {find_llama_server()} (started on first use)"
+    client = ModelRegistry(TyphonConfig()).replica_client(entry.model_name, entry)
+    try:
+        probe = client.probe(timeout=_TIMEOUT)
+    finally:
+        client.close()
     base = endpoint_of(entry)
-    response = httpx.get(f"{base}/models", timeout=_TIMEOUT)
-    if response.status_code >= 400:
-        raise RuntimeError(f"{base}/models answered {response.status_code}")
-    return f"{base} reachable"
+    if not probe.reachable:
+        raise RuntimeError(f"{base} unreachable: {probe.error}")
+    if probe.model_present is False:
+        raise RuntimeError(f"{base} does not serve '{params.model_id}' (it has {probe.models})")
+    return f"{base} reachable, {probe.latency_s * 1000:.0f} ms"
 
 
 def _search(url: str) -> str:
@@ -70,7 +77,10 @@ def run_checks(config: TyphonConfig) -> list[Check]:
     else:
         results.append((True, "broker", "none: runs execute in-process"))
     for entry in config.models:
-        results.append(_guard(f"model {entry.model_name}", lambda e=entry: _model(e)))  # type: ignore[misc]
+        name = f"model {entry.model_name}"
+        if len(config.deployments(entry.model_name)) > 1:
+            name += f" @{endpoint_of(entry)}"
+        results.append(_guard(name, lambda e=entry: _model(e)))  # type: ignore[misc]
     if config.search_url:
         search = config.search_url
         results.append(_guard("search", lambda: _search(search)))

@@ -22,8 +22,14 @@ from typhon._types import RunRecord, RunStatus, Usage
 from typhon.config import CrewSettings, TyphonConfig
 from typhon.context import RunContext
 from typhon.crews import CrewOutput, CrewRegistry, default_registry
-from typhon.errors import CrewTimeoutError, ModelUnavailableError, RunCancelled, TyphonError
-from typhon.models import ModelRegistry, RecordingClient
+from typhon.errors import (
+    CrewTimeoutError,
+    ModelError,
+    ModelUnavailableError,
+    RunCancelled,
+    TyphonError,
+)
+from typhon.models import ChatResult, ModelRegistry, RecordingClient, Router, endpoint_of
 from typhon.resources import parse_cpuset
 from typhon.resources.slots import Lease, RedisSlots, Slots, acquire, slots_for
 from typhon.store import RunStore
@@ -56,6 +62,7 @@ class Runtime:
         self.registry = registry or default_registry()
         self.registry.load_modules(config.crew_modules)
         self.models = models or ModelRegistry(config)
+        self._router: Router | None = None
         self.heartbeats = _Heartbeats(self)
         # Slots and notifications on the same Redis: releasing a run's slots also publishes its
         # notification, in one script (one round trip for both).
@@ -71,6 +78,12 @@ class Runtime:
     @property
     def artifacts_root(self) -> Path:
         return self.config.home / "artifacts"
+
+    @property
+    def router(self) -> Router:
+        if self._router is None:
+            self._router = Router(self.config, self.store, self.models)
+        return self._router
 
     def release(self, lease: Lease, *, notify: bool) -> None:
         """Free a run's slots, then, with ``notify``, tell its waiters that it has finished."""
@@ -342,7 +355,8 @@ def _sleep_unless_stopped(guard: _Guard, seconds: float) -> bool:
 
 def _attempt(runtime: Runtime, record: RunRecord, alias: str | None, guard: _Guard) -> CrewOutput:
     crew_cls = runtime.registry.get(record.crew)
-    alias = alias or crew_cls.model or runtime.config.routing[crew_cls.category]
+    if alias is None:  # recorded without a route (an older version): route it now
+        alias = runtime.router.route(record.input, category=crew_cls.category).model
     ctx = RunContext(
         run_id=record.id,
         crew=record.crew,
@@ -350,7 +364,7 @@ def _attempt(runtime: Runtime, record: RunRecord, alias: str | None, guard: _Gua
         options=dict(record.options),
         settings=runtime.config.crew_settings(record.crew),
         config=runtime.config,
-        model=_model_client(runtime, record.id, alias, guard),
+        model=_model_client(runtime, record, alias, guard),
         artifacts_dir=runtime.artifacts_root / record.id,
         store=runtime.store,
         guard=guard,
@@ -361,12 +375,31 @@ def _attempt(runtime: Runtime, record: RunRecord, alias: str | None, guard: _Gua
     return CrewOutput(output.text, {**ctx.artifacts, **output.artifacts})
 
 
-def _model_client(runtime: Runtime, run_id: str, alias: str, guard: _Guard) -> RecordingClient:
-    """The run's model client: records usage on the run, stops at cancellation or time limit."""
-    store = runtime.store
+def _model_client(runtime: Runtime, run: RunRecord, alias: str, guard: _Guard) -> RecordingClient:
+    """The run's model client: records usage on the run and every call's cost per model and
+    category, marks the run degraded when a fallback answered, stops at cancellation or the time
+    limit."""
+    store, config = runtime.store, runtime.config
 
-    def record(usage: Usage) -> None:
-        store.add_usage(run_id, usage)
+    def record(result: ChatResult) -> None:
+        used = result.alias or alias
+        store.add_usage(run.id, result.usage)
+        store.add_model_call(
+            alias=used, requested=alias, url=result.url, usage=result.usage,
+            gpu_s=result.usage.compute_s * _gpus(config, used, result.url),
+            run_id=run.id, category=run.category,
+        )  # fmt: skip
+        if used != alias:
+            reason = f"every replica of '{alias}' was down; '{used}' answered"
+            if store.mark_degraded(run.id, requested=alias, used=used, reason=reason):
+                log.warning("run degraded", requested=alias, used=used)
+
+    def failed(exc: Exception, elapsed: float) -> None:
+        if isinstance(exc, ModelError):
+            store.add_model_call(
+                alias=alias, requested=alias, url=exc.url, usage=Usage(calls=1, latency_s=elapsed),
+                gpu_s=0.0, ok=False, error=str(exc)[:500], run_id=run.id, category=run.category,
+            )  # fmt: skip
 
     return RecordingClient(
         alias,
@@ -374,4 +407,14 @@ def _model_client(runtime: Runtime, run_id: str, alias: str, guard: _Guard) -> R
         lambda: runtime.models.client(alias),
         record=record,
         before=guard,
+        failed=failed,
     )
+
+
+def _gpus(config: TyphonConfig, alias: str, url: str) -> int:
+    """GPUs one request to this deployment occupies (GPU-seconds = compute time x GPUs)."""
+    entries = config.deployments(alias)
+    for entry in entries:
+        if endpoint_of(entry) == url:
+            return entry.gpus
+    return entries[0].gpus

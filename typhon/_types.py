@@ -59,12 +59,15 @@ class RunRequest:
 
 @dataclass(frozen=True)
 class Usage:
-    """Token usage and time spent in model calls."""
+    """Token usage and time spent in model calls. ``latency_s`` is wall time seen by the caller;
+    ``compute_s`` the backend's own prompt + generation time where it reports one (llama-server's
+    ``timings``, Ollama's durations), else the wall time."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     calls: int = 0
     latency_s: float = 0.0
+    compute_s: float = 0.0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
@@ -72,6 +75,7 @@ class Usage:
             self.completion_tokens + other.completion_tokens,
             self.calls + other.calls,
             self.latency_s + other.latency_s,
+            self.compute_s + other.compute_s,
         )
 
     @property
@@ -102,6 +106,9 @@ class RunRecord:
     heartbeat_at: datetime | None = None
     worker: str | None = None
     enqueued_at: datetime | None = None
+    category: str | None = None
+    rules_version: int | None = None
+    degraded: bool = False  # a fallback model answered because the routed one was down
 
     def to_json(self) -> dict[str, Any]:
         """The shape of ``typhon run --json`` and ``GET /v1/runs/{id}``."""
@@ -114,6 +121,9 @@ class RunRecord:
             "error": self.error,
             "model": self.model,
             "backend": self.backend,
+            "category": self.category,
+            "rules_version": self.rules_version,
+            "degraded": self.degraded,
             "pool": self.pool,
             "created_at": _iso(self.created_at),
             "started_at": _iso(self.started_at),

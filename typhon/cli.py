@@ -27,6 +27,12 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Show and check the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+models_app = typer.Typer(
+    help="The model list: aliases, endpoints, health, cost.", no_args_is_help=True
+)
+app.add_typer(models_app, name="models")
+routing_app = typer.Typer(help="Versions of the routing rules.", no_args_is_help=True)
+app.add_typer(routing_app, name="routing")
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="typhon.yaml to use.", show_default=False)
@@ -320,6 +326,106 @@ def placement(as_json: JsonOpt = False) -> None:
     error = result.error()
     if error is not None:
         _fail(str(error), error.exit_code)
+
+
+@app.command()
+def route(
+    prompt: Annotated[str, typer.Argument(help="The request to route.")],
+    as_json: JsonOpt = False,
+    crew: Annotated[
+        str | None, typer.Option(help="Route as a run of this crew would be (its fixed model).")
+    ] = None,
+) -> None:
+    """Which category PROMPT is and which model would serve it, with the rules version."""
+    if not prompt.strip():
+        _fail("the prompt is empty; give the request to route, e.g. typhon route 'hello'", 2)
+    with _typhon() as typhon:
+        if crew is not None:
+            result = typhon.route_for(crew, prompt)
+        else:
+            result = typhon.runtime.router.route(prompt)
+    data = result.to_json()
+    if as_json:
+        typer.echo(json.dumps(data))
+        return
+    typer.echo(
+        f"{data['category']} -> {data['model']} ({data['backend']})"
+        f"  rules v{data['rules_version']}: {data['reason']}"
+    )
+
+
+@models_app.command("list")
+def models_list(as_json: JsonOpt = False) -> None:
+    """Every alias: provider, model, replicas, size, the categories routed to it."""
+    from typhon.models._inspect import list_models, render_list
+
+    rows = list_models(_config())
+    typer.echo(json.dumps(rows) if as_json else render_list(rows))
+
+
+@models_app.command("check")
+def models_check(
+    aliases: Annotated[
+        list[str] | None, typer.Argument(help="Aliases to check (default: all).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Probe each endpoint: reachable, model present, latency. Exit 1 if any fails."""
+    from typhon.models._inspect import check_models, render_check
+
+    probes = check_models(_config(), aliases or None)
+    if as_json:
+        typer.echo(json.dumps([p.to_json() for p in probes]))
+    else:
+        typer.echo(render_check(probes))
+    if not all(p.reachable and p.model_present is not False for p in probes):
+        raise typer.Exit(1)
+
+
+@models_app.command("stats")
+def models_stats(
+    as_json: JsonOpt = False,
+    hours: Annotated[float | None, typer.Option(help="Only the last N hours.")] = None,
+) -> None:
+    """Calls, failures, tokens, latency and GPU-seconds per model and category."""
+    from datetime import UTC, datetime, timedelta
+
+    from typhon.models._inspect import render_stats
+
+    since = datetime.now(UTC) - timedelta(hours=hours) if hours else None
+    with _typhon() as typhon:
+        rows = typhon.store.model_stats(since=since)
+    typer.echo(json.dumps(rows) if as_json else render_stats(rows))
+
+
+@routing_app.command("history")
+def routing_history(as_json: JsonOpt = False) -> None:
+    """Every version of the routing rules, the active one marked."""
+    with _typhon() as typhon:
+        typhon.runtime.router.rules()  # seeds version 1 from the configuration
+        rows = typhon.store.rules_versions()
+    if as_json:
+        typer.echo(json.dumps([{**r, "created_at": r["created_at"].isoformat()} for r in rows]))
+        return
+    for r in rows:
+        mapping = ", ".join(f"{c}={v['model']}" for c, v in r["body"]["categories"].items())
+        mark = "*" if r["active"] else " "
+        typer.echo(
+            f"{mark} v{r['version']:<3} {r['created_at']:%Y-%m-%d %H:%M}  {r['source']:<8}"
+            f" {mapping}  {r['note']}"
+        )
+
+
+@routing_app.command("activate")
+def routing_activate(version: Annotated[int, typer.Argument(help="Rules version.")]) -> None:
+    """Make VERSION the active routing rules (promote or roll back)."""
+    with _typhon() as typhon:
+        typhon.runtime.router.rules()
+        known = [r["version"] for r in typhon.store.rules_versions()]
+        if version not in known:
+            _fail(f"no routing rules v{version}; see `typhon routing history` ({known})", 2)
+        typhon.store.activate_rules(version)
+    typer.echo(f"routing rules v{version} active")
 
 
 @config_app.command("show")

@@ -38,6 +38,7 @@ __all__ = [
     "ModelInfo",
     "NodeConfig",
     "PoolConfig",
+    "RouterSettings",
     "TyphonConfig",
     "default_home",
     "find_config_file",
@@ -48,6 +49,21 @@ __all__ = [
 CATEGORIES = ("simple", "complex", "code", "creative")
 Category = Literal["simple", "complex", "code", "creative"]
 LOCAL_ALIAS = "local"
+# LiteLLM provider prefixes Typhon serves, by client. Cloud providers are not among them: Typhon
+# talks to the cluster's own servers only.
+OPENAI_PROVIDERS = ("openai", "hosted_vllm", "lm_studio", "llamafile", "litellm_proxy")
+OLLAMA_PROVIDERS = ("ollama", "ollama_chat")
+PROVIDERS = (*OPENAI_PROVIDERS, *OLLAMA_PROVIDERS, "local")
+# LiteLLM's routing strategies. Typhon balances every replica group by least outstanding
+# requests; latency-based-routing breaks ties by measured latency, the others in turn.
+ROUTING_STRATEGIES = (
+    "simple-shuffle",
+    "least-busy",
+    "usage-based-routing",
+    "usage-based-routing-v2",
+    "latency-based-routing",
+    "cost-based-routing",
+)
 _SECRET_WORDS = ("api_key", "password", "secret", "token")
 
 
@@ -125,6 +141,9 @@ class ModelInfo(BaseModel):
     parameters_b: float | None = Field(default=None, gt=0)
     quantization_bits: float | None = Field(default=None, gt=0)
     context_length: int | None = Field(default=None, ge=1)
+    # GPUs one request occupies (2 for a tensor-parallel 70B): GPU-seconds = compute time x gpus.
+    # Unset: 1 for a remote server, 0 for a ``local`` llama-server on this machine's CPU.
+    gpus: int | None = Field(default=None, ge=0)
 
 
 class ModelEntry(_Strict):
@@ -136,9 +155,71 @@ class ModelEntry(_Strict):
 
     @model_validator(mode="after")
     def _needs_base(self) -> ModelEntry:
-        if self.litellm_params.provider != "local" and not self.litellm_params.api_base:
+        provider = self.litellm_params.provider
+        if provider not in PROVIDERS:
+            raise ValueError(
+                f"model '{self.model_name}': unsupported provider '{provider}/' in"
+                f" '{self.litellm_params.model}'; use openai/ for an OpenAI-compatible server"
+                " (TabbyAPI, llama-server, vLLM, a LiteLLM proxy), ollama/ for Ollama, or local/"
+            )
+        if provider != "local" and not self.litellm_params.api_base:
             raise ValueError(f"model '{self.model_name}' needs litellm_params.api_base")
         return self
+
+    @property
+    def gpus(self) -> int:
+        if self.model_info.gpus is not None:
+            return self.model_info.gpus
+        return 0 if self.litellm_params.provider == "local" else 1
+
+    @property
+    def context_window(self) -> int | None:
+        info = self.model_info
+        extra = info.model_extra or {}
+        value = info.context_length or extra.get("max_input_tokens")
+        if value is None and self.litellm_params.provider == "local":
+            value = self.litellm_params.ctx_size // max(1, self.litellm_params.parallel)
+        return int(value) if value else None
+
+
+class RouterSettings(BaseModel):
+    """LiteLLM's ``router_settings``, with the keys Typhon acts on; other LiteLLM keys are kept.
+
+    Entries of ``model_list`` that share a ``model_name`` are one replica group, balanced by least
+    outstanding requests. A replica that fails ``allowed_fails`` times in a row, or refuses the
+    connection, cools down for ``cooldown_time`` seconds; health checks every
+    ``health_check_interval`` seconds mark replicas down and bring them back. ``fallbacks``
+    (LiteLLM's shape: ``[{"gpt-4": ["gpt-3.5-turbo"]}]``) name the aliases to use while every
+    replica of an alias is down (the run is marked degraded). With nothing up, a call waits up to
+    ``queue_timeout`` seconds for a replica before it fails."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    routing_strategy: str = "least-busy"
+    enable_pre_call_checks: bool = False
+    fallbacks: list[dict[str, list[str]]] = Field(default_factory=list)
+    num_retries: int = Field(default=2, ge=0, le=10)
+    allowed_fails: int = Field(default=3, ge=1)
+    cooldown_time: float = Field(default=30.0, ge=0)
+    timeout: float | None = Field(default=None, gt=0)
+    health_check_interval: float = Field(default=15.0, gt=0)
+    health_check_timeout: float = Field(default=3.0, gt=0)
+    queue_timeout: float = Field(default=30.0, ge=0)
+
+    @field_validator("routing_strategy")
+    @classmethod
+    def _strategy(cls, v: str) -> str:
+        if v not in ROUTING_STRATEGIES:
+            raise ValueError(
+                f"unknown routing_strategy '{v}'; use one of {', '.join(ROUTING_STRATEGIES)}"
+            )
+        return v
+
+    def fallbacks_for(self, alias: str) -> list[str]:
+        for item in self.fallbacks:
+            if alias in item:
+                return list(item[alias])
+        return []
 
 
 class PoolConfig(_Strict):
@@ -178,7 +259,8 @@ class PoolConfig(_Strict):
 
 
 class CrewSettings(_Strict):
-    """Per-crew settings. ``model`` fixes the alias; otherwise routing by ``category`` decides.
+    """Per-crew settings. ``model`` fixes the alias. Otherwise the router picks it: for
+    ``category`` when set (or the crew's own), else for the category it reads in the input.
 
     ``timeout_s`` is the soft limit (the crew is stopped at its next step or model call);
     ``hard_timeout_s`` (default soft + 60) ends the worker process running it.
@@ -186,7 +268,7 @@ class CrewSettings(_Strict):
 
     pool: str | None = None
     model: str | None = None
-    category: Category = "simple"
+    category: Category | None = None
     timeout_s: float = Field(default=900, gt=0)
     hard_timeout_s: float | None = Field(default=None, gt=0)
     max_retries: int = Field(default=2, ge=0, le=10)
@@ -302,7 +384,7 @@ class TyphonConfig(_Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     pools: list[PoolConfig] = Field(default_factory=_default_pools)
     models: list[ModelEntry] = Field(default_factory=_default_models, alias="model_list")
-    router_settings: dict[str, Any] = Field(default_factory=dict)
+    router_settings: RouterSettings = Field(default_factory=RouterSettings)
     routing: dict[Category, str] = Field(default_factory=lambda: _default_routing())
     crews: dict[str, CrewSettings] = Field(default_factory=dict)
     crew_modules: list[str] = Field(default_factory=list)
@@ -336,6 +418,15 @@ class TyphonConfig(_Strict):
     @model_validator(mode="after")
     def _cross_check(self) -> TyphonConfig:
         aliases = [m.model_name for m in self.models]
+        _check_groups(self.models)
+        for item in self.router_settings.fallbacks:
+            for alias, chain in item.items():
+                for name in (alias, *chain):
+                    if name not in aliases:
+                        raise ValueError(
+                            f"router_settings.fallbacks names model '{name}', which is not in the"
+                            f" model list ({', '.join(dict.fromkeys(aliases))})"
+                        )
         for category, alias in self.routing.items():
             if alias not in aliases:
                 raise ValueError(
@@ -359,11 +450,21 @@ class TyphonConfig(_Strict):
         return self.database_url or f"sqlite:///{self.home / 'typhon.db'}"
 
     def model(self, alias: str) -> ModelEntry:
-        for entry in self.models:
-            if entry.model_name == alias:
-                return entry
-        known = ", ".join(m.model_name for m in self.models)
-        raise ConfigError(f"no model '{alias}' in the model list (known: {known})", key="models")
+        """The first deployment of ``alias``; ConfigError naming the known aliases if none."""
+        return self.deployments(alias)[0]
+
+    def deployments(self, alias: str) -> list[ModelEntry]:
+        """Every ``model_list`` entry named ``alias``: more than one is a replica group."""
+        found = [entry for entry in self.models if entry.model_name == alias]
+        if found:
+            return found
+        known = ", ".join(dict.fromkeys(m.model_name for m in self.models))
+        raise ConfigError(
+            f"no model '{alias}' in the model list (known: {known})", key="model_list"
+        )
+
+    def aliases(self) -> list[str]:
+        return list(dict.fromkeys(m.model_name for m in self.models))
 
     def pool(self, name: str) -> PoolConfig:
         for pool in self.pools:
@@ -374,6 +475,34 @@ class TyphonConfig(_Strict):
 
     def crew_settings(self, crew: str) -> CrewSettings:
         return self.crews.get(crew) or CrewSettings()
+
+
+def _check_groups(models: list[ModelEntry]) -> None:
+    """Replicas of one alias must serve the same kind of model through the same client."""
+    first: dict[str, ModelEntry] = {}
+    for entry in models:
+        seen = first.setdefault(entry.model_name, entry)
+        if seen is entry:
+            continue
+        kinds = {_client_kind(seen), _client_kind(entry)}
+        if len(kinds) > 1:
+            raise ValueError(
+                f"model '{entry.model_name}' has replicas of different kinds"
+                f" ({' and '.join(sorted(kinds))}); replicas of one alias must all be"
+                " openai-compatible, all ollama or all local"
+            )
+        if entry.litellm_params.provider == "local":
+            raise ValueError(
+                f"model '{entry.model_name}': a local/ model cannot have replicas;"
+                " give each its own alias"
+            )
+
+
+def _client_kind(entry: ModelEntry) -> str:
+    provider = entry.litellm_params.provider
+    if provider in OLLAMA_PROVIDERS:
+        return "ollama"
+    return "local" if provider == "local" else "openai"
 
 
 def _check_cpusets(config: TyphonConfig) -> None:

@@ -110,14 +110,16 @@ class ModelError(TyphonError):
 
     code = "model_error"
 
-    def __init__(self, message: str, *, alias: str, url: str):
+    def __init__(self, message: str, *, alias: str, url: str, retryable: bool = False):
         self.alias = alias
         self.url = url
+        self.retryable = retryable  # another try may well succeed (garbled or cut-off answer)
         super().__init__(message)
 
 
 class ModelUnavailableError(ModelError):
     code = "model_unavailable"
+    refused = False  # the connection itself was refused: the server is not there at all
 
 
 class ModelResponseError(ModelError):

@@ -188,16 +188,16 @@ class Typhon:
     def embedded(self) -> bool:
         return isinstance(self.dispatcher, InProcessDispatcher)
 
-    def route_for(self, crew: str, model: str | None = None) -> Route:
-        """The model a run of ``crew`` would use: an explicit alias, the crew's fixed model, or
-        the routing rule for the crew's category."""
+    def route_for(self, crew: str, input: str, model: str | None = None) -> Route:
+        """The route a run of ``crew`` on ``input`` would take. The category: the crew's own
+        (settings, then class), else the one the router reads in the input. The model: an
+        explicit alias, the crew's fixed one, else the active routing rules' for the category."""
         cls = self.crews.get(crew)
         settings = self.config.crew_settings(crew)
-        alias = model or settings.model or cls.model
-        if alias is not None:
-            self.config.model(alias)
-            return Route(settings.category, alias, self.runtime.models.endpoint(alias), "fixed")
-        return self.runtime.models.route(cls.category)
+        category = settings.category or cls.category
+        fixed = model or settings.model or cls.model
+        why = "model given" if model else "model fixed by the crew"
+        return self.runtime.router.route(input, category=category, model=fixed, fixed_by=why)
 
     def submit(self, crew: str, input: str, **options: Any) -> RunHandle:
         """Validate, route, record the run as queued and dispatch it. Bad input stores nothing."""
@@ -207,7 +207,7 @@ class Typhon:
         if model is not None and not isinstance(model, str):
             raise InputError("model must be an alias from the model list")
         try:
-            route = self.route_for(crew, model)
+            route = self.route_for(crew, request.input, model)
         except TyphonError as exc:
             raise InputError(str(exc)) from None
         pool = self.config.pool(self.config.crew_settings(crew).pool or cls.pool)
@@ -218,13 +218,18 @@ class Typhon:
             options=request.options,
             model=route.model,
             backend=route.backend,
+            category=route.category,
+            rules_version=route.rules_version,
         )
         try:
             self.dispatcher.dispatch(record, pool.queue)
         except DispatchError as exc:
             self.store.finish(record.id, RunStatus.FAILED, error=str(exc))
             raise
-        log.info("run queued", run_id=record.id, crew=crew, pool=pool.name, model=route.model)
+        log.info(
+            "run queued", run_id=record.id, crew=crew, pool=pool.name, model=route.model,
+            category=route.category, rules_version=route.rules_version,
+        )  # fmt: skip
         return RunHandle(self, record.id)
 
     def run(self, run_id: str) -> RunHandle:

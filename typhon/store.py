@@ -65,6 +65,10 @@ runs = sa.Table(
     sa.Column("heartbeat_at", sa.DateTime(timezone=True)),
     sa.Column("worker", sa.String(255)),
     sa.Column("enqueued_at", sa.DateTime(timezone=True)),
+    # v3: how the run was routed, and whether a fallback model answered for the routed one
+    sa.Column("category", sa.String(16)),
+    sa.Column("rules_version", sa.Integer),
+    sa.Column("degraded", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
 run_events = sa.Table(
@@ -75,6 +79,39 @@ run_events = sa.Table(
     sa.Column("at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("kind", sa.String(64), nullable=False),
     sa.Column("data", sa.JSON, nullable=False),
+)
+
+
+# v3: versioned routing rules (one active), and every model call's tokens, time and GPU-seconds.
+routing_rules = sa.Table(
+    "routing_rules",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("source", sa.String(64), nullable=False),
+    sa.Column("note", sa.Text, nullable=False, server_default=""),
+    sa.Column("parent", sa.Integer),
+    sa.Column("body", sa.JSON, nullable=False),
+    sa.Column("active", sa.Boolean, nullable=False, server_default=sa.false()),
+)
+
+model_calls = sa.Table(
+    "model_calls",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(36), index=True),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("alias", sa.String(128), nullable=False),
+    sa.Column("requested", sa.String(128), nullable=False),
+    sa.Column("url", sa.String(512), nullable=False),
+    sa.Column("category", sa.String(16)),
+    sa.Column("ok", sa.Boolean, nullable=False),
+    sa.Column("error", sa.Text),
+    sa.Column("prompt_tokens", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("completion_tokens", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("latency_s", sa.Float, nullable=False, server_default="0"),
+    sa.Column("compute_s", sa.Float, nullable=False, server_default="0"),
+    sa.Column("gpu_s", sa.Float, nullable=False, server_default="0"),
 )
 
 
@@ -92,8 +129,23 @@ def _migration_2(conn: Connection) -> None:
             conn.exec_driver_sql(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
 
 
+def _migration_3(conn: Connection) -> None:
+    """Routing columns on runs; the routing-rules and model-call tables."""
+    have = {c["name"] for c in sa.inspect(conn).get_columns("runs")}
+    false = "FALSE" if conn.dialect.name == "postgresql" else "0"
+    for name, kind in (("category", "VARCHAR(16)"), ("rules_version", "INTEGER"),
+                       ("degraded", f"BOOLEAN NOT NULL DEFAULT {false}")):  # fmt: skip
+        if name not in have:
+            conn.exec_driver_sql(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+    metadata.create_all(conn, tables=[routing_rules, model_calls])
+
+
 # (version, step): append only; never edit a step that has shipped.
-MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _migration_1), (2, _migration_2)]
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
+    (1, _migration_1),
+    (2, _migration_2),
+    (3, _migration_3),
+]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 T = TypeVar("T")
@@ -277,6 +329,8 @@ class RunStore:
         model: str | None = None,
         backend: str | None = None,
         run_id: str | None = None,
+        category: str | None = None,
+        rules_version: int | None = None,
     ) -> RunRecord:
         record = RunRecord(
             id=run_id or new_run_id(),
@@ -289,8 +343,10 @@ class RunStore:
             backend=backend,
             created_at=(now := _now()),
             enqueued_at=now,
+            category=category,
+            rules_version=rules_version,
         )
-        event = {"pool": pool, "model": model}
+        event = {"pool": pool, "model": model, "category": category, "rules_version": rules_version}
         if self.dialect == "postgresql":
             from psycopg.types.json import Json
 
@@ -309,6 +365,8 @@ class RunStore:
             created_at=record.created_at,
             enqueued_at=record.created_at,
             artifacts=[],
+            category=category,
+            rules_version=rules_version,
         )
         self._change(insert.returning(runs.c.id), "queued", event)
         return record
@@ -425,6 +483,142 @@ class RunStore:
         update = runs.update().where(runs.c.id == run_id).values(model=model, backend=backend)
         self._run(lambda conn: conn.execute(update))
 
+    def mark_degraded(self, run_id: str, *, requested: str, used: str, reason: str) -> bool:
+        """Record (once) that a fallback model answered for the routed one."""
+        update = (
+            runs.update()
+            .where(runs.c.id == run_id, runs.c.degraded == sa.false())
+            .values(degraded=True)
+            .returning(runs.c.id)
+        )
+        data = {"requested": requested, "used": used, "reason": reason}
+        return self._change(update, "degraded", data) is not None
+
+    # -- model calls (local cost) ------------------------------------------------------------------
+    def add_model_call(
+        self,
+        *,
+        alias: str,
+        requested: str,
+        url: str,
+        usage: Usage,
+        gpu_s: float,
+        ok: bool = True,
+        error: str | None = None,
+        run_id: str | None = None,
+        category: str | None = None,
+    ) -> None:
+        insert = model_calls.insert().values(
+            run_id=run_id, at=_now(), alias=alias, requested=requested, url=url,
+            category=category, ok=ok, error=error, prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens, latency_s=usage.latency_s,
+            compute_s=usage.compute_s, gpu_s=gpu_s,
+        )  # fmt: skip
+        self._run(lambda conn: conn.execute(insert))
+
+    def model_stats(
+        self, *, since: datetime | None = None, alias: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Calls per model alias and category: count, failures, tokens, latency, GPU-seconds."""
+        c = model_calls.c
+        failed = sa.func.sum(sa.case((c.ok == sa.false(), 1), else_=0))
+        query = sa.select(
+            c.alias, c.category, sa.func.count().label("calls"), failed.label("failures"),
+            sa.func.sum(c.prompt_tokens).label("prompt_tokens"),
+            sa.func.sum(c.completion_tokens).label("completion_tokens"),
+            sa.func.avg(c.latency_s).label("mean_latency_s"),
+            sa.func.max(c.latency_s).label("max_latency_s"),
+            sa.func.sum(c.compute_s).label("compute_s"), sa.func.sum(c.gpu_s).label("gpu_s"),
+        ).group_by(c.alias, c.category).order_by(c.alias, c.category)  # fmt: skip
+        if since is not None:
+            query = query.where(c.at >= since)
+        if alias is not None:
+            query = query.where(c.alias == alias)
+        rows = self._run(lambda conn: list(conn.execute(query).mappings()))
+        out = []
+        for r in rows:
+            calls = int(r["calls"])
+            out.append(
+                {
+                    "alias": r["alias"], "category": r["category"], "calls": calls,
+                    "failures": int(r["failures"] or 0),
+                    "prompt_tokens": int(r["prompt_tokens"] or 0),
+                    "completion_tokens": int(r["completion_tokens"] or 0),
+                    "mean_latency_s": round(float(r["mean_latency_s"] or 0), 4),
+                    "max_latency_s": round(float(r["max_latency_s"] or 0), 4),
+                    "compute_s": round(float(r["compute_s"] or 0), 4),
+                    "gpu_s": round(float(r["gpu_s"] or 0), 4),
+                }
+            )  # fmt: skip
+        return out
+
+    # -- routing rules -----------------------------------------------------------------------------
+    def rules_versions(self) -> list[dict[str, Any]]:
+        query = sa.select(routing_rules).order_by(routing_rules.c.version)
+        rows = self._run(lambda conn: list(conn.execute(query).mappings()))
+        return [_rules_row(r) for r in rows]
+
+    def active_rules(self) -> dict[str, Any] | None:
+        query = sa.select(routing_rules).where(routing_rules.c.active == sa.true())
+        row = self._run(lambda conn: conn.execute(query).mappings().first())
+        return _rules_row(row) if row is not None else None
+
+    def add_rules(
+        self,
+        body: dict[str, Any],
+        *,
+        source: str,
+        note: str = "",
+        activate: bool = True,
+        unless_source_hash: str | None = None,
+    ) -> dict[str, Any]:
+        """Store a new rules version (the next number; the active one is its parent) and make it
+        active. With ``unless_source_hash``, do nothing when the newest version from ``source``
+        already carries that hash (so many processes seeding from one config add one version)."""
+
+        def in_tx(conn: Connection) -> dict[str, Any]:
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7301002)"))
+            elif conn.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            rows = [dict(r) for r in conn.execute(sa.select(routing_rules)).mappings()]
+            if unless_source_hash is not None:
+                mine = [r for r in rows if r["source"] == source]
+                if (
+                    mine
+                    and max(mine, key=lambda r: r["version"])["body"].get("source_hash")
+                    == unless_source_hash
+                ):
+                    return _rules_row(max(rows, key=lambda r: r["version"]))
+            version = max((r["version"] for r in rows), default=0) + 1
+            parent = next((r["version"] for r in rows if r["active"]), None)
+            if activate:
+                conn.execute(routing_rules.update().values(active=False))
+            values = {
+                "version": version, "created_at": _now(), "source": source, "note": note,
+                "parent": parent, "body": body, "active": activate,
+            }  # fmt: skip
+            conn.execute(routing_rules.insert().values(**values))
+            return _rules_row(values)
+
+        return self._run(in_tx, tx=True)
+
+    def activate_rules(self, version: int) -> dict[str, Any]:
+        """Make ``version`` the active rules (promotion or rollback)."""
+
+        def in_tx(conn: Connection) -> dict[str, Any]:
+            query = sa.select(routing_rules).where(routing_rules.c.version == version)
+            row = conn.execute(query).mappings().first()
+            if row is None:
+                raise KeyError(version)
+            conn.execute(routing_rules.update().values(active=False))
+            conn.execute(
+                routing_rules.update().where(routing_rules.c.version == version).values(active=True)
+            )
+            return _rules_row({**row, "active": True})
+
+        return self._run(in_tx, tx=True)
+
     def add_usage(self, run_id: str, usage: Usage) -> None:
         """Add one model call's usage to the run's totals (atomic increment)."""
         update = (
@@ -538,9 +732,10 @@ _PG = {
     "create": """
         WITH changed AS (
             INSERT INTO runs (id, crew, input, options, status, pool, model, backend, created_at,
-                              enqueued_at, artifacts)
+                              enqueued_at, artifacts, category, rules_version)
             VALUES (%(id)s, %(crew)s, %(input)s, %(options)s, 'queued', %(pool)s, %(model)s,
-                    %(backend)s, %(created_at)s, %(created_at)s, '[]')
+                    %(backend)s, %(created_at)s, %(created_at)s, '[]', %(category)s,
+                    %(rules_version)s)
             RETURNING id)
         INSERT INTO run_events (run_id, at, kind, data)
         SELECT id, %(created_at)s, 'queued', %(data)s FROM changed RETURNING run_id""",
@@ -572,7 +767,20 @@ def _pg_values(record: RunRecord) -> dict[str, Any]:
     return {
         "id": record.id, "crew": record.crew, "input": record.input, "pool": record.pool,
         "model": record.model, "backend": record.backend, "created_at": record.created_at,
+        "category": record.category, "rules_version": record.rules_version,
     }  # fmt: skip
+
+
+def _rules_row(row: Any) -> dict[str, Any]:
+    return {
+        "version": int(row["version"]),
+        "created_at": _utc(row["created_at"]),
+        "source": row["source"],
+        "note": row["note"] or "",
+        "parent": row["parent"],
+        "active": bool(row["active"]),
+        "body": dict(row["body"] or {}),
+    }
 
 
 def _record(row: Any) -> RunRecord:
@@ -596,6 +804,9 @@ def _record(row: Any) -> RunRecord:
             row["model_calls"],
             row["model_latency_s"],
         ),
+        category=row.get("category"),
+        rules_version=row.get("rules_version"),
+        degraded=bool(row.get("degraded")),
         artifacts=list(row["artifacts"] or []),
         attempts=row["attempts"],
         heartbeat_at=_utc(row.get("heartbeat_at")),

@@ -46,7 +46,9 @@ class Crew(ABC):
     name: ClassVar[str]
     description: ClassVar[str] = ""
     pool: ClassVar[str] = "research"
-    category: ClassVar[Category] = "simple"
+    # None: the router reads the category in each run's input; set it to route every run of the
+    # crew as that category. ``model`` fixes the alias outright.
+    category: ClassVar[Category | None] = None
     model: ClassVar[str | None] = None
 
     @abstractmethod
@@ -69,8 +71,10 @@ class CrewRegistry:
         name = getattr(cls, "name", None)
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"crew class {cls.__name__} needs a `name` that is an identifier")
-        if cls.category not in CATEGORIES:
-            raise ValueError(f"crew '{name}': category must be one of {', '.join(CATEGORIES)}")
+        if cls.category is not None and cls.category not in CATEGORIES:
+            raise ValueError(
+                f"crew '{name}': category must be one of {', '.join(CATEGORIES)} (or None)"
+            )
         with self._lock:
             self._crews[name] = cls
             self._lazy.pop(name, None)
@@ -114,7 +118,7 @@ def crew(
     name: str,
     *,
     pool: str = "research",
-    category: Category = "simple",
+    category: Category | None = None,
     model: str | None = None,
     description: str = "",
     registry: CrewRegistry | None = None,

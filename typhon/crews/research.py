@@ -137,7 +137,7 @@ class ResearchCrew(Crew):
     name = "research"
     description = "Web research and paper analysis: a Markdown brief with sources."
     pool = "research"
-    category: ClassVar[Category] = "simple"
+    category: ClassVar[Category | None] = None  # routed by what is asked
 
     def run(self, ctx: RunContext) -> CrewOutput:
         book = SourceBook()

@@ -1,37 +1,57 @@
-"""The model registry: aliases from the LiteLLM-style model list, turned into clients."""
+"""The model registry: aliases from the LiteLLM-style model list, turned into clients.
+
+Every alias is a replica group (usually of one) behind a ``BalancedClient``; ``local`` entries
+start their llama-server on first use and stop it on ``close()``.
+"""
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from typhon.config import Category, ModelEntry, TyphonConfig
-from typhon.models._client import ModelClient, OpenAICompatibleClient
+from typhon.config import OLLAMA_PROVIDERS, Category, ModelEntry, TyphonConfig
+from typhon.models._balance import BalancedClient, HealthChecker, Replica, ReplicaGroup
+from typhon.models._client import HttpModelClient, ModelClient, OpenAICompatibleClient, Probe
 from typhon.models._local import LocalServer
+from typhon.models._ollama import OllamaClient
 
 __all__ = ["ModelRegistry", "Route", "endpoint_of"]
 
 
 @dataclass(frozen=True)
 class Route:
-    """Where a request goes: the category, the model alias and its backend URL."""
+    """Where a request goes: the category, the model alias, its backend URL(s), the routing-rules
+    version that decided (0: none, the model was fixed) and why."""
 
     category: Category
     model: str
     backend: str
     reason: str
+    rules_version: int = 0
+    backends: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "category": self.category,
+            "model": self.model,
+            "backend": self.backend,
+            "backends": list(self.backends or (self.backend,)),
+            "rules_version": self.rules_version,
+            "reason": self.reason,
+        }
 
 
 def endpoint_of(entry: ModelEntry) -> str:
-    """The backend URL a run records. ``local`` entries record ``local:llama-server``."""
+    """The backend URL of one deployment. ``local`` entries record ``local:llama-server``."""
     params = entry.litellm_params
     if params.provider == "local":
         return "local:llama-server"
     assert params.api_base is not None
     base = params.api_base.rstrip("/")
-    if params.provider == "ollama" and not base.endswith("/v1"):
-        base += "/v1"  # Ollama's OpenAI-compatible endpoint; the native client comes later
+    if params.provider in OLLAMA_PROVIDERS and base.endswith("/v1"):
+        base = base[:-3]  # the native API lives at the root
     return base
 
 
@@ -42,46 +62,120 @@ class ModelRegistry:
         self.config = config
         self.home = home or config.home
         self._local: dict[str, LocalServer] = {}
-        self._clients: dict[str, OpenAICompatibleClient] = {}
-        self._lock = threading.Lock()
+        self._groups: dict[str, ReplicaGroup] = {}
+        self._clients: dict[str, BalancedClient] = {}
+        self._lock = threading.RLock()
+        self._health = HealthChecker(self.groups, config.router_settings)
+        self._health_pid: int | None = None
 
     def aliases(self) -> list[str]:
-        return [m.model_name for m in self.config.models]
+        return self.config.aliases()
 
-    def route(self, category: Category) -> Route:
-        alias = self.config.routing[category]
-        return Route(category, alias, endpoint_of(self.config.model(alias)), "routing rule")
+    def endpoints(self, alias: str) -> list[str]:
+        return [endpoint_of(e) for e in self.config.deployments(alias)]
 
     def endpoint(self, alias: str) -> str:
-        return endpoint_of(self.config.model(alias))
+        return ",".join(self.endpoints(alias))
+
+    def group(self, alias: str) -> ReplicaGroup:
+        with self._lock:
+            group = self._groups.get(alias)
+            if group is None:
+                entries = self.config.deployments(alias)
+                replicas = [
+                    Replica(alias, i, entry, endpoint_of(entry), self._factory(alias, entry))
+                    for i, entry in enumerate(entries)
+                ]
+                group = ReplicaGroup(alias, replicas, self.config.router_settings)
+                self._groups[alias] = group
+            return group
+
+    def groups(self) -> list[ReplicaGroup]:
+        with self._lock:
+            return list(self._groups.values())
 
     def client(self, alias: str) -> ModelClient:
         with self._lock:
-            if alias in self._clients:
-                return self._clients[alias]
-            entry = self.config.model(alias)
-            params = entry.litellm_params
-            if params.provider == "local":
-                server = self._local.setdefault(alias, LocalServer(entry, self.home))
-                base = server.ensure()
-            else:
-                base = endpoint_of(entry)
-            client = OpenAICompatibleClient(
-                alias,
-                base,
-                params.model_id,
-                api_key=params.api_key,
-                timeout=params.timeout or 300.0,
-                max_retries=3 if params.max_retries is None else params.max_retries,
-            )
-            self._clients[alias] = client
-            return client
+            if alias not in self._clients:
+                self.group(alias)  # unknown alias: ConfigError now, not at the first call
+                self._clients[alias] = BalancedClient(
+                    alias, self.group, self.config.router_settings
+                )
+            if self._health_pid != os.getpid():  # per process (a forked worker starts its own)
+                self._health_pid = os.getpid()
+                self._health.start()
+            return self._clients[alias]
+
+    def replica_client(self, alias: str, entry: ModelEntry) -> HttpModelClient:
+        """A plain client for one deployment (no balancing), e.g. to probe it."""
+        return self._factory(alias, entry)()
+
+    def probe(self, alias: str) -> list[Probe]:
+        """Probe every deployment of ``alias`` (a ``local`` one is started first)."""
+        results = []
+        for entry in self.config.deployments(alias):
+            client = self.replica_client(alias, entry)
+            try:
+                results.append(
+                    client.probe(timeout=self.config.router_settings.health_check_timeout)
+                )
+            finally:
+                client.close()
+        return results
+
+    def _factory(self, alias: str, entry: ModelEntry) -> _Factory:
+        return _Factory(self, alias, entry)
+
+    def _local_base(self, alias: str, entry: ModelEntry) -> str:
+        with self._lock:
+            server = self._local.setdefault(alias, LocalServer(entry, self.home))
+        return server.ensure()
 
     def close(self) -> None:
+        self._health.stop()
+        self._health_pid = None
         with self._lock:
-            for client in self._clients.values():
-                client.close()
+            for group in self._groups.values():
+                for replica in group.replicas:
+                    if replica.built:
+                        close = getattr(replica.client, "close", None)
+                        if close is not None:
+                            close()
+            self._groups.clear()
             self._clients.clear()
             for server in self._local.values():
                 server.stop()
             self._local.clear()
+
+
+class _Factory:
+    """Builds the plain client of one deployment: balancing retries across replicas, so the
+    client itself does not retry a server that is down."""
+
+    def __init__(self, registry: ModelRegistry, alias: str, entry: ModelEntry):
+        self.registry = registry
+        self.alias = alias
+        self.entry = entry
+
+    def __call__(self) -> HttpModelClient:
+        params = self.entry.litellm_params
+        settings = self.registry.config.router_settings
+        timeout = params.timeout or settings.timeout or 300.0
+        retries = 0 if params.max_retries is None else params.max_retries
+        if params.provider == "local":
+            base = self.registry._local_base(self.alias, self.entry)
+            return OpenAICompatibleClient(
+                self.alias, base, params.model_id, timeout=timeout, max_retries=retries
+            )
+        base = endpoint_of(self.entry)
+        cls: type[HttpModelClient] = (
+            OllamaClient if params.provider in OLLAMA_PROVIDERS else OpenAICompatibleClient
+        )
+        return cls(
+            self.alias,
+            base,
+            params.model_id,
+            api_key=params.api_key,
+            timeout=timeout,
+            max_retries=retries,
+        )
