@@ -23,7 +23,15 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from typhon.errors import ConfigError
 from typhon.resources import parse_cpuset
@@ -364,15 +372,6 @@ def _default_pools() -> list[PoolConfig]:
     ]
 
 
-def _default_routing() -> dict[Category, str]:
-    return {
-        "simple": LOCAL_ALIAS,
-        "complex": LOCAL_ALIAS,
-        "code": LOCAL_ALIAS,
-        "creative": LOCAL_ALIAS,
-    }
-
-
 class TyphonConfig(_Strict):
     """The effective configuration. ``source`` is the file it came from (None: defaults only)."""
 
@@ -385,7 +384,7 @@ class TyphonConfig(_Strict):
     pools: list[PoolConfig] = Field(default_factory=_default_pools)
     models: list[ModelEntry] = Field(default_factory=_default_models, alias="model_list")
     router_settings: RouterSettings = Field(default_factory=RouterSettings)
-    routing: dict[Category, str] = Field(default_factory=lambda: _default_routing())
+    routing: dict[Category, str] = Field(default=None, validate_default=True)  # type: ignore[assignment]
     crews: dict[str, CrewSettings] = Field(default_factory=dict)
     crew_modules: list[str] = Field(default_factory=list)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
@@ -396,9 +395,20 @@ class TyphonConfig(_Strict):
 
     @field_validator("routing", mode="before")
     @classmethod
-    def _routing_defaults(cls, v: Any) -> Any:
-        """A file or variable that routes one category keeps the defaults for the others."""
-        return {**_default_routing(), **v} if isinstance(v, dict) else v
+    def _routing_defaults(cls, v: Any, info: ValidationInfo) -> Any:
+        """Categories a file or variable does not route go to ``local`` when the model list has
+        it, else to the first chat model of the list (a LiteLLM model_list pasted as it is)."""
+        if v is not None and not isinstance(v, dict):
+            return v
+        models: list[ModelEntry] = info.data.get("models") or []
+        names = [m.model_name for m in models]
+        chat = [
+            m.model_name
+            for m in models
+            if (m.model_info.model_extra or {}).get("mode", "chat") == "chat"
+        ]
+        fallback = LOCAL_ALIAS if LOCAL_ALIAS in names or not chat else chat[0]
+        return {**dict.fromkeys(CATEGORIES, fallback), **(v or {})}
 
     @field_validator("database_url")
     @classmethod
