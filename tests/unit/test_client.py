@@ -10,7 +10,6 @@ from typing import Any
 import httpx
 import pytest
 
-from typhon._types import Usage
 from typhon.errors import ModelResponseError, ModelUnavailableError
 from typhon.models import (
     ChatResult,
@@ -106,14 +105,14 @@ def client_for(
 def test_chat_parses_the_completion_and_sends_the_parameters(
     clients: list[OpenAICompatibleClient],
 ) -> None:
-    rec = Recorder(completion("Hello, world.", finish_reason="length"))
+    rec = Recorder(completion('{"greeting": "Hello, world."}', finish_reason="length"))
     client = client_for(clients, rec, api_key="sk-test")
     fmt = json_schema_format("answer", {"type": "object"})
 
     result = client.chat(MESSAGES, max_tokens=64, temperature=0.3, response_format=fmt)
 
     assert isinstance(result, ChatResult)
-    assert result.content == "Hello, world."
+    assert result.content == '{"greeting": "Hello, world."}'
     assert result.finish_reason == "length"
     assert result.model == "served-model"
     assert result.tool_calls == []
@@ -284,9 +283,9 @@ def test_200_without_a_completion_is_a_response_error(
 ) -> None:
     rec = Recorder(response)
     client = client_for(clients, rec)
-    with pytest.raises(ModelResponseError, match="without a chat completion"):
+    with pytest.raises(ModelResponseError, match=r"not JSON|without a chat completion"):
         client.chat(MESSAGES)
-    assert len(rec.requests) == 1
+    assert len(rec.requests) == 2  # a garbled answer is asked for once more
 
 
 # -- streaming -------------------------------------------------------------------------------------
@@ -379,7 +378,7 @@ class Spy:
         self.inner = inner
         self.resolved = 0
         self.before_calls = 0
-        self.recorded: list[Usage] = []
+        self.recorded: list[ChatResult] = []
         self.fail_before: BaseException | None = None
 
     def resolve(self) -> ModelClient:
@@ -411,7 +410,7 @@ def test_recording_client_resolves_lazily_once_and_records_usage() -> None:
     assert spy.resolved == 1
     assert spy.before_calls == 2
     assert client.url == "http://127.0.0.1:1234/v1"
-    assert spy.recorded == [first.usage, second.usage]
+    assert spy.recorded == [first, second]
     assert inner.calls[0]["max_tokens"] == 20
 
 
@@ -457,14 +456,14 @@ def test_recording_client_records_a_stream_after_iteration(
     assert stream.result is not None
     assert stream.result.content == "ab"
     assert len(spy.recorded) == 1
-    assert (spy.recorded[0].prompt_tokens, spy.recorded[0].completion_tokens) == (5, 2)
-    assert spy.recorded[0].calls == 1
+    usage = spy.recorded[0].usage
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.calls) == (5, 2, 1)
 
 
 def test_recording_client_passes_chat_parameters_through(
     clients: list[OpenAICompatibleClient],
 ) -> None:
-    rec = Recorder(completion())
+    rec = Recorder(completion("{}"))
     spy = Spy(client_for(clients, rec))
     fmt = json_schema_format("x", {"type": "object"})
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
@@ -475,7 +474,7 @@ def test_recording_client_passes_chat_parameters_through(
     assert (body["max_tokens"], body["temperature"]) == (9, 1.0)
     assert (body["response_format"], body["tools"], body["stop"]) == (fmt, tools, ["x"])
     assert len(spy.recorded) == 1
-    assert spy.recorded[0].prompt_tokens == 12
+    assert spy.recorded[0].usage.prompt_tokens == 12
 
 
 # -- ScriptedModel ---------------------------------------------------------------------------------
@@ -524,3 +523,122 @@ def test_scripted_model_needs_a_reply_and_streams() -> None:
     assert stream.result is not None
     assert stream.result.content == "a b c"
     assert stream.result.model == "tiny"
+
+
+# -- garbled answers: asked once more, then a typed error naming the backend ----------------
+
+
+def test_a_non_json_body_is_asked_once_more(clients: list[OpenAICompatibleClient]) -> None:
+    rec = Recorder(httpx.Response(200, content=b"<html>proxy error</html>"), completion("fine"))
+    assert client_for(clients, rec).chat(MESSAGES).content == "fine"
+    assert len(rec.requests) == 2
+
+
+def test_a_non_json_body_twice_is_a_response_error_naming_the_backend(
+    clients: list[OpenAICompatibleClient],
+) -> None:
+    rec = Recorder(httpx.Response(200, content=b"<html>proxy error</html>"))
+    with pytest.raises(ModelResponseError, match=r"'big' at http://127.0.0.1:9/v1 .*not JSON"):
+        client_for(clients, rec).chat(MESSAGES)
+    assert len(rec.requests) == 2
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"score": {"type": "number", "minimum": 0, "maximum": 1}},
+    "required": ["score"],
+}
+
+
+def test_json_that_breaks_the_schema_is_asked_once_more(
+    clients: list[OpenAICompatibleClient],
+) -> None:
+    rec = Recorder(completion('{"score": 7}'), completion('{"score": 0.7}'))
+    result = client_for(clients, rec).chat(
+        MESSAGES, response_format=json_schema_format("review", SCHEMA)
+    )
+    assert json.loads(result.content) == {"score": 0.7}
+    assert len(rec.requests) == 2
+
+
+def test_json_that_breaks_the_schema_twice_is_a_response_error(
+    clients: list[OpenAICompatibleClient],
+) -> None:
+    rec = Recorder(completion('{"grade": "A"}'))
+    with pytest.raises(ModelResponseError, match="does not match schema 'review'"):
+        client_for(clients, rec).chat(
+            MESSAGES, response_format=json_schema_format("review", SCHEMA)
+        )
+    with pytest.raises(ModelResponseError, match="not the JSON asked for"):
+        client_for(clients, Recorder(completion("sure! here"))).chat(
+            MESSAGES, response_format={"type": "json_object"}
+        )
+
+
+def test_a_stream_cut_off_before_any_text_is_asked_once_more(
+    clients: list[OpenAICompatibleClient],
+) -> None:
+    rec = Recorder(
+        httpx.Response(200, content=sse({"choices": [{"index": 0, "delta": {"role": "x"}}]})),
+        httpx.Response(200, content=sse(delta("ok", finish="stop"), "[DONE]")),
+    )
+    assert list(client_for(clients, rec).stream(MESSAGES)) == ["ok"]
+    assert len(rec.requests) == 2
+
+
+def test_a_stream_cut_off_mid_answer_is_a_response_error(
+    clients: list[OpenAICompatibleClient],
+) -> None:
+    rec = Recorder(httpx.Response(200, content=sse(delta("Hel"), delta("lo"))))
+    stream = client_for(clients, rec).stream(MESSAGES)
+    got: list[str] = []
+    with pytest.raises(ModelResponseError, match="ended its stream before the answer finished"):
+        got.extend(stream)
+    assert got == ["Hel", "lo"] and len(rec.requests) == 1
+
+
+def test_llama_server_timings_become_compute_time(clients: list[OpenAICompatibleClient]) -> None:
+    response = completion("x")
+    data = json.loads(response.content)
+    data["timings"] = {"prompt_n": 5, "prompt_ms": 120.0, "predicted_n": 3, "predicted_ms": 80.0}
+    result = client_for(clients, Recorder(httpx.Response(200, json=data))).chat(MESSAGES)
+    assert result.usage.compute_s == pytest.approx(0.2)
+    assert (result.alias, result.url) == ("big", BASE)
+
+
+def test_a_refused_connection_is_flagged(clients: list[OpenAICompatibleClient]) -> None:
+    client = client_for(clients, Recorder(httpx.ConnectError("refused")), max_retries=0)
+    with pytest.raises(ModelUnavailableError) as info:
+        client.chat(MESSAGES)
+    assert info.value.refused is True
+
+
+# -- Ollama's native API ---------------------------------------------------------------------------
+
+
+def test_ollama_request_and_answer_shapes() -> None:
+    from typhon.models import OllamaClient
+
+    answer = {
+        "model": "qwen2.5:7b", "created_at": "2026-01-01T00:00:00Z",
+        "message": {"role": "assistant", "content": '{"score": 0.5}'},
+        "done": True, "done_reason": "stop", "total_duration": 900_000_000,
+        "load_duration": 100_000_000, "prompt_eval_count": 26,
+        "prompt_eval_duration": 300_000_000, "eval_count": 12, "eval_duration": 450_000_000,
+    }  # fmt: skip
+    rec = Recorder(httpx.Response(200, json=answer))
+    client = OllamaClient(
+        "fast", "http://127.0.0.1:9/v1", "qwen2.5:7b", transport=httpx.MockTransport(rec)
+    )
+    result = client.chat(
+        MESSAGES, max_tokens=64, temperature=0, stop=["\n\n"],
+        response_format=json_schema_format("review", SCHEMA),
+    )  # fmt: skip
+    assert client.url == "http://127.0.0.1:9"  # a /v1 base is taken to the native root
+    assert str(rec.requests[0].url) == "http://127.0.0.1:9/api/chat"
+    sent = rec.body()
+    assert sent["stream"] is False and sent["format"] == SCHEMA
+    assert sent["options"] == {"temperature": 0, "num_predict": 64, "stop": ["\n\n"]}
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (26, 12)
+    assert result.usage.compute_s == pytest.approx(0.75)  # prompt + eval, not load
+    assert result.finish_reason == "stop"
