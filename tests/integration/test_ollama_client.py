@@ -48,16 +48,15 @@ def shim(servers: tuple[LlamaProcess, LlamaProcess]) -> Iterator[OllamaShim]:
         yield s
 
 
+def _entry(name: str, model: str, url: str) -> dict[str, object]:
+    return {"model_name": name, "litellm_params": {"model": model, "api_base": url}}
+
+
 def _config(home: Path, url: str, model: str = MODEL) -> TyphonConfig:
     return TyphonConfig.model_validate(
         {
             "home": home,
-            "model_list": [
-                {
-                    "model_name": "fast",
-                    "litellm_params": {"model": f"ollama/{model}", "api_base": url},
-                }
-            ],
+            "model_list": [_entry("fast", f"ollama/{model}", url)],
             "router_settings": {"num_retries": 2, "queue_timeout": 5},
         }
     )
