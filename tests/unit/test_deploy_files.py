@@ -150,6 +150,7 @@ def test_hydra_uses_litellm_model_list_key_and_router_settings() -> None:
     assert raw["router_settings"] == {
         "routing_strategy": "usage-based-routing",
         "enable_pre_call_checks": True,
+        "fallbacks": [{"gpt-4": ["gpt-3.5-turbo"]}, {"llama-70b": ["llama-7b"]}],
     }
 
 

@@ -68,7 +68,7 @@ def test_research_crew_description_without_crewai() -> None:
     from typhon.crews import default_registry
 
     cls = default_registry().get("research")
-    assert (cls.name, cls.pool, cls.category) == ("research", "research", "simple")
+    assert (cls.name, cls.pool, cls.category) == ("research", "research", None)
 
 
 def test_tests_cannot_leave_loopback() -> None:
