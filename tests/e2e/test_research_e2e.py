@@ -95,6 +95,7 @@ def test_unreachable_model_fails_the_run_naming_alias_and_url(home: Path, tmp_pa
         "models:\n  - model_name: gpt-4\n    litellm_params:\n      model: openai/default\n"
         "      api_base: http://127.0.0.1:1/v1\n      max_retries: 1\n"
         "routing: {simple: gpt-4, complex: gpt-4, code: gpt-4, creative: gpt-4}\n"
+        "router_settings: {queue_timeout: 1}\n"
     )
     result = subprocess.run(
         [TYPHON_BIN, "--config", str(config), "run", "research", TOPIC],

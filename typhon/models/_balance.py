@@ -266,9 +266,11 @@ class BalancedClient:
             left = deadline - time.monotonic()
             if left <= 0:
                 urls = ", ".join(u for _, g in groups for u in g.urls)
+                last = [r.last_error for _, g in groups for r in g.replicas if r.last_error]
                 raise ModelUnavailableError(
                     f"model '{self.alias}': every replica is down ({urls})"
-                    + (f"; waited {self.settings.queue_timeout:g}s" if waited else ""),
+                    + (f"; waited {self.settings.queue_timeout:g}s" if waited else "")
+                    + (f"; last error: {last[0]}" if last else ""),
                     alias=self.alias,
                     url=",".join(groups[0][1].urls),
                 )
