@@ -146,6 +146,7 @@ def start_llama_server(
         "--port", str(port),
         "-t", "1",
         "-np", str(parallel),
+        "--threads-http", str(max(32, 4 * parallel)),
         "-c", str(ctx_per_slot * parallel),
         "--no-webui",
     ]  # fmt: skip

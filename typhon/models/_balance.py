@@ -50,6 +50,7 @@ class Replica:
         self.url = url
         self._factory = factory
         self._client: ModelClient | None = None
+        self._client_lock = threading.Lock()
         self.weight = float((entry.litellm_params.model_extra or {}).get("weight") or 1.0)
         self.outstanding = 0
         self.served = 0
@@ -59,6 +60,7 @@ class Replica:
         self.last_error: str | None = None
         self.latency_s: float | None = None  # moving average of successful calls
         self.last_probe = 0.0
+        self.last_ok: float | None = None  # monotonic time of the last answer
 
     @property
     def id(self) -> str:
@@ -70,9 +72,13 @@ class Replica:
 
     @property
     def client(self) -> ModelClient:
-        if self._client is None:
-            self._client = self._factory()
-        return self._client
+        client = self._client
+        if client is None:
+            with self._client_lock:  # one client (one connection pool) per replica
+                if self._client is None:
+                    self._client = self._factory()
+                client = self._client
+        return client
 
     def available(self, now: float) -> bool:
         return self.down_until is None or now >= self.down_until
@@ -153,6 +159,7 @@ class ReplicaGroup:
             replica.outstanding -= 1
             if ok:
                 replica.served += 1
+                replica.last_ok = self.clock()
                 if latency_s is not None:
                     old = replica.latency_s
                     replica.latency_s = latency_s if old is None else 0.8 * old + 0.2 * latency_s
@@ -166,12 +173,14 @@ class ReplicaGroup:
             self._failure(replica, f"{error}"[:300], force=refused)
             self.changed.notify_all()
 
-    def probed(self, replica: Replica, probe: Probe) -> None:
+    def probed(self, replica: Replica, probe: Probe, started: float | None = None) -> None:
         with self.changed:
             replica.last_probe = self.clock()
             if probe.reachable:
                 replica.failures = 0
                 self._mark_up(replica, "health check passed")
+            elif started is not None and replica.last_ok is not None and replica.last_ok >= started:
+                pass  # it answered a call while the probe waited: busy, not down
             else:
                 self._failure(replica, f"health check: {probe.error}", force=True)
             self.changed.notify_all()
@@ -189,7 +198,8 @@ class ReplicaGroup:
     def _failure(self, replica: Replica, error: str, *, force: bool) -> None:
         replica.failures += 1
         replica.last_error = error
-        if not force and replica.failures < self.settings.allowed_fails:
+        on_trial = replica.down_until is not None  # cooled down before: tried again
+        if not force and not on_trial and replica.failures < self.settings.allowed_fails:
             return
         now = self.clock()
         was_up = replica.down_until is None
@@ -298,6 +308,7 @@ class BalancedClient:
         errors = 0
         while True:
             name, group, replica = self._acquire(tokens, failed, deadline)
+            on_trial = replica.down_until is not None  # its cooldown is over: trying it again
             started = time.perf_counter()
             try:
                 result = replica.client.chat(
@@ -311,6 +322,8 @@ class BalancedClient:
             except ModelUnavailableError as exc:
                 group.failed(replica, exc, refused=exc.refused)
                 failed.add((name, replica.index))
+                if on_trial and time.monotonic() < deadline:
+                    continue  # waiting for a replica to come back: queue_timeout bounds it
                 errors += 1
                 if errors >= self._attempts():
                     raise
@@ -338,6 +351,7 @@ class BalancedClient:
             errors = 0
             while True:
                 name, group, replica = self._acquire(tokens, failed, deadline)
+                on_trial = replica.down_until is not None
                 started = time.perf_counter()
                 inner = replica.client.stream(
                     messages, max_tokens=max_tokens, temperature=temperature
@@ -350,6 +364,8 @@ class BalancedClient:
                 except ModelUnavailableError as exc:
                     group.failed(replica, exc, refused=exc.refused)
                     failed.add((name, replica.index))
+                    if not sent and on_trial and time.monotonic() < deadline:
+                        continue
                     errors += 1
                     if sent or errors >= self._attempts():
                         raise
@@ -405,12 +421,13 @@ class HealthChecker:
         probe = getattr(replica.client, "probe", None)
         if probe is None:
             return
+        started = group.clock()
         try:
             result = probe(timeout=self.settings.health_check_timeout)
         except Exception as exc:  # a probe must never kill the checker
             log.warning("health probe crashed", replica=replica.id, error=str(exc))
             return
-        group.probed(replica, result)
+        group.probed(replica, result, started)
 
     def _loop(self) -> None:
         tick = min(1.0, self.settings.health_check_interval)

@@ -158,6 +158,9 @@ class LocalServer:
             str(params.threads),
             "-np",
             str(params.parallel),
+            # enough HTTP threads that idle keep-alive connections never starve new requests
+            "--threads-http",
+            str(max(32, 4 * params.parallel)),
             "-c",
             str(params.ctx_size),
             "--jinja",

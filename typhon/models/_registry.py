@@ -6,12 +6,14 @@ start their llama-server on first use and stop it on ``close()``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from typhon.config import OLLAMA_PROVIDERS, Category, ModelEntry, TyphonConfig
+from typhon.errors import ModelUnavailableError
 from typhon.models._balance import BalancedClient, HealthChecker, Replica, ReplicaGroup
 from typhon.models._client import HttpModelClient, ModelClient, OpenAICompatibleClient, Probe
 from typhon.models._local import LocalServer
@@ -67,6 +69,7 @@ class ModelRegistry:
         self._lock = threading.RLock()
         self._health = HealthChecker(self.groups, config.router_settings)
         self._health_pid: int | None = None
+        self._closed = False
 
     def aliases(self) -> list[str]:
         return self.config.aliases()
@@ -128,24 +131,35 @@ class ModelRegistry:
 
     def _local_base(self, alias: str, entry: ModelEntry) -> str:
         with self._lock:
+            if self._closed:
+                raise ModelUnavailableError(
+                    f"model '{alias}': not started, the model registry is closed",
+                    alias=alias,
+                    url="local:llama-server",
+                )
             server = self._local.setdefault(alias, LocalServer(entry, self.home))
         return server.ensure()
 
     def close(self) -> None:
+        """Stop health checks, close clients, stop the local servers this process started. A
+        client still in use by another thread (a run being cancelled) must not keep the servers
+        from stopping."""
         self._health.stop()
         self._health_pid = None
         with self._lock:
-            for group in self._groups.values():
+            self._closed = True  # a run still finishing on another thread starts nothing new
+            groups = list(self._groups.values())
+            servers = list(self._local.values())
+        try:
+            for group in groups:
                 for replica in group.replicas:
-                    if replica.built:
-                        close = getattr(replica.client, "close", None)
-                        if close is not None:
+                    close = getattr(replica._client, "close", None)
+                    if close is not None:
+                        with contextlib.suppress(Exception):
                             close()
-            self._groups.clear()
-            self._clients.clear()
-            for server in self._local.values():
+        finally:
+            for server in servers:
                 server.stop()
-            self._local.clear()
 
 
 class _Factory:
