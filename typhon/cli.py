@@ -161,9 +161,12 @@ def status(run_id: str, as_json: JsonOpt = False) -> None:
     if as_json:
         typer.echo(json.dumps(record.to_json()))
         return
+    route = f"  category={record.category}" if record.category else ""
+    if record.rules_version:
+        route += f" (rules v{record.rules_version})"
     typer.echo(
-        f"{record.id}  {record.crew}  {record.status.value}  model={record.model}"
-        f"  tokens={record.usage.total_tokens}"
+        f"{record.id}  {record.crew}  {record.status.value}  model={record.model}{route}"
+        f"  tokens={record.usage.total_tokens}" + ("  DEGRADED" if record.degraded else "")
     )
     _print_record(record, False)
 
