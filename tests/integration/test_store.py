@@ -136,7 +136,12 @@ def test_create_run_is_queued_with_an_event(store: RunStore) -> None:
     events = store.events(run.id)
     assert [e.kind for e in events] == ["queued"]
     assert events[0].run_id == run.id
-    assert events[0].data == {"pool": "research", "model": "local"}
+    assert events[0].data == {
+        "pool": "research",
+        "model": "local",
+        "category": None,
+        "rules_version": None,
+    }
 
 
 def test_create_run_with_a_given_id(store: RunStore) -> None:

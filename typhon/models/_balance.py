@@ -114,6 +114,7 @@ class ReplicaGroup:
         self.settings = settings
         self.clock = clock
         self.changed = threading.Condition()
+        self.closed = False  # set when the registry closes: waiting calls give up at once
         self._turn = random.randrange(len(self.replicas))  # workers do not all start on #0
 
     @property
@@ -187,7 +188,13 @@ class ReplicaGroup:
 
     def wait(self, timeout: float) -> None:
         with self.changed:
-            self.changed.wait(timeout)
+            if not self.closed:
+                self.changed.wait(timeout)
+
+    def close(self) -> None:
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
 
     def states(self) -> list[dict[str, Any]]:
         now = self.clock()
@@ -263,6 +270,12 @@ class BalancedClient:
             )
         waited = False
         while True:
+            if any(g.closed for _, g in groups):
+                raise ModelUnavailableError(
+                    f"model '{self.alias}': not called, the model registry is closed",
+                    alias=self.alias,
+                    url=",".join(groups[0][1].urls),
+                )
             for name, group in groups:
                 skip = frozenset(i for n, i in failed if n == name)
                 replica = group.pick(tokens, skip)

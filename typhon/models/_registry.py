@@ -130,6 +130,8 @@ class ModelRegistry:
         return _Factory(self, alias, entry)
 
     def _local_base(self, alias: str, entry: ModelEntry) -> str:
+        # Under the lock for the whole start, so close() waits for a start in progress and
+        # stops what it started instead of leaving it behind.
         with self._lock:
             if self._closed:
                 raise ModelUnavailableError(
@@ -138,7 +140,7 @@ class ModelRegistry:
                     url="local:llama-server",
                 )
             server = self._local.setdefault(alias, LocalServer(entry, self.home))
-        return server.ensure()
+            return server.ensure()
 
     def close(self) -> None:
         """Stop health checks, close clients, stop the local servers this process started. A
@@ -152,6 +154,7 @@ class ModelRegistry:
             servers = list(self._local.values())
         try:
             for group in groups:
+                group.close()
                 for replica in group.replicas:
                     close = getattr(replica._client, "close", None)
                     if close is not None:
