@@ -18,10 +18,11 @@ other, so that both replicas have their HTTP client before calls come from many 
   Target: no call fails beyond those in flight at the kill (the balancer retries those on the
   other replica, so the expected figure is 0 failures in all).
 
-``--threads-http N`` passes ``--threads-http N`` to both servers (default: llama-server's own,
-``max(np + 2, cores - 1)`` or so). Idle keep-alive connections hold those HTTP threads until
-their keep-alive runs out, so with more connections than threads some calls wait seconds for a
-thread: compare the share phase with ``--threads-http 48``.
+``--threads-http N`` passes ``--threads-http N`` to both servers (default: what Typhon's own
+servers get, ``max(32, 4 x np)``; llama-server's built-in default is about
+``max(np + 2, cores - 1)``). Idle keep-alive connections hold those HTTP threads until their
+keep-alive runs out, so with more connections than threads some calls wait seconds for a thread:
+compare the share phase with ``--threads-http 6``.
 
 Usage::
 
@@ -339,7 +340,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=4, help="max_tokens of every call (4)")
     p.add_argument("--parallel", type=int, default=4, help="llama-server slots (-np) each (4)")
     p.add_argument(
-        "--threads-http", type=int, default=0, help="llama-server HTTP threads (its default)"
+        "--threads-http", type=int, default=0, help="llama-server HTTP threads (max(32, 4 x np))"
     )
     args = p.parse_args(argv)
     if not 0 < args.kill_at < args.restart_at < args.duration:
@@ -372,7 +373,7 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> None:
     bench = Bench(args, cleanup)
     print(f"  model    {bench.model.name} (assembled in {bench.assemble_s:.1f}s),"
           f" llama-server -t 1 -np {args.parallel} each, HTTP threads"
-          f" {args.threads_http or 'default'}")  # fmt: skip
+          f" {args.threads_http or max(32, 4 * args.parallel)}")  # fmt: skip
     settings = ", ".join(f"{k} {v}" for k, v in ROUTER_SETTINGS.items())
     print(f"  router   {settings}; routing_strategy least-busy")
     print(f"  python   {sys.version.split()[0]}, {os.cpu_count()} CPUs; {busy}")
