@@ -118,6 +118,23 @@ def test_a_bad_request_is_a_400(http: httpx.Client, body: bytes, message: str) -
     assert message in error["message"]
 
 
+def test_the_openai_client_reads_it(server: str, minilm: MiniLMEmbedder) -> None:
+    """The official client, as Letta uses it: base64 by default, decoded with numpy."""
+    import openai
+
+    client = openai.OpenAI(base_url=server, api_key="unused", max_retries=0)
+    try:
+        answer = client.embeddings.create(model="all-minilm", input=TEXTS)
+        assert [len(row.embedding) for row in answer.data] == [384] * 3
+        assert np.allclose([row.embedding for row in answer.data], minilm.embed(TEXTS), atol=1e-6)
+        assert answer.usage.prompt_tokens == minilm.count_tokens(TEXTS)
+        assert [m.id for m in client.models.list()] == ["all-MiniLM-L6-v2-int8"]
+        with pytest.raises(openai.BadRequestError, match="'input' is empty"):
+            client.embeddings.create(model="all-minilm", input=[])
+    finally:
+        client.close()
+
+
 def test_models_and_unknown_routes(http: httpx.Client) -> None:
     models = http.get("/models").json()
     assert models["object"] == "list"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import threading
@@ -115,6 +117,28 @@ def test_loads_lazily_and_serves_threads() -> None:
     reference = MiniLMEmbedder().embed(TEXTS)
     for i, vectors in results.items():
         assert np.allclose(vectors, reference[i : i + 3], atol=1e-5)
+
+
+def test_a_forked_child_loads_its_own_session(embedder: MiniLMEmbedder) -> None:
+    """A prefork worker that inherits a loaded model embeds with a session of its own."""
+    expected = embedder.embed([PASSWORD])[0]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: answer through the pipe, never return into pytest
+        code = 1
+        try:
+            vector = embedder.embed([PASSWORD])[0]
+            os.write(write, json.dumps(vector).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        data = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert np.allclose(json.loads(data), expected, atol=1e-6)
+    assert embedder.loaded  # the parent's session is untouched
 
 
 def test_default_embedder_is_one_per_process() -> None:

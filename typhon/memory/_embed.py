@@ -16,6 +16,7 @@ mixing two vector spaces. numpy, onnxruntime and tokenizers are imported on firs
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Sequence
 from importlib import resources
@@ -125,9 +126,19 @@ class MiniLMEmbedder:
         self._model_path = Path(model_path) if model_path else None
         self._tokenizer_path = Path(tokenizer_path) if tokenizer_path else None
         self._lock = threading.Lock()
+        self._pid = os.getpid()
         self._session: Any = None
         self._tokenizer: Any = None
         self._inputs: tuple[str, ...] = ()
+
+    def _locked(self) -> threading.Lock:
+        """The lock, after forgetting a parent process's session in a forked child (a prefork
+        worker): its thread pools and its lock's state are not the child's own."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._lock = threading.Lock()
+            self._session = self._tokenizer = None
+        return self._lock
 
     @property
     def loaded(self) -> bool:
@@ -135,7 +146,7 @@ class MiniLMEmbedder:
 
     def load(self) -> None:
         """Load the tokenizer and the ONNX session now (else the first :meth:`embed` does)."""
-        with self._lock:
+        with self._locked():
             self._load_locked()
 
     def _load_locked(self) -> None:
@@ -173,7 +184,7 @@ class MiniLMEmbedder:
         """Tokens the model reads for ``texts`` (after truncation, with [CLS] and [SEP])."""
         if not texts:
             return 0
-        with self._lock:
+        with self._locked():
             self._load_locked()
             encodings = self._tokenizer.encode_batch(list(texts))
         return sum(sum(e.attention_mask) for e in encodings)
@@ -187,7 +198,7 @@ class MiniLMEmbedder:
 
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        with self._lock:
+        with self._locked():
             self._load_locked()
             for start in range(0, len(order), self.batch_size):
                 rows = order[start : start + self.batch_size]
