@@ -323,6 +323,10 @@ class EndpointEmbedder:
             if self._dim is None and rows:
                 self._dim, self._dim_url = len(rows[0]), client.url
             expected = self._dim
+        if expected == 0:
+            raise ModelResponseError(
+                f"{where} returned empty vectors", alias=self.alias, url=client.url
+            )
         for row in rows:
             if len(row) != expected:
                 seen = f" (from {self._dim_url})" if self._dim_url != client.url else ""
