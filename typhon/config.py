@@ -42,6 +42,8 @@ __all__ = [
     "CrewSettings",
     "GpuSpec",
     "LitellmParams",
+    "MemoryCacheSettings",
+    "MemoryConfig",
     "ModelEntry",
     "ModelInfo",
     "NodeConfig",
@@ -372,6 +374,50 @@ def _default_pools() -> list[PoolConfig]:
     ]
 
 
+class MemoryCacheSettings(_Strict):
+    """The semantic cache in front of model calls: a hit needs ``threshold`` similarity, the same
+    model alias and the same prompt-template version, within ``ttl_s``."""
+
+    enabled: bool = True
+    threshold: float = Field(default=0.92, gt=0, le=1)
+    ttl_s: float = Field(default=7 * 24 * 3600, gt=0)
+    max_entries: int = Field(default=100_000, ge=1)
+
+
+class MemoryConfig(_Strict):
+    """Where memory lives and how much of it.
+
+    ``backend``: ``builtin`` (records in the run store's database, vectors in Qdrant: local files
+    under ``$TYPHON_HOME/qdrant``, or the server at ``qdrant_url``) or ``letta`` (``letta_url``).
+    ``embeddings``: ``local`` (all-MiniLM-L6-v2 on onnxruntime, in process) or a model alias
+    of the model list with an embeddings endpoint."""
+
+    backend: Literal["builtin", "letta"] = "builtin"
+    qdrant_url: str | None = None
+    letta_url: str | None = None
+    letta_token: str | None = None
+    embeddings: str = "local"
+    max_record_chars: int = Field(default=20_000, ge=100)
+    max_records: dict[str, int] = Field(
+        default_factory=lambda: {"episodic": 50_000, "semantic": 100_000}
+    )
+    compact_after_days: float = Field(default=30, gt=0)
+    recall_k: int = Field(default=5, ge=0, le=100)
+    recall_token_budget: int = Field(default=800, ge=0)
+    cache: MemoryCacheSettings = Field(default_factory=MemoryCacheSettings)
+
+    @field_validator("qdrant_url", "letta_url")
+    @classmethod
+    def _urls(cls, v: str | None) -> str | None:
+        return _check_url(v, ("http", "https"))
+
+    @model_validator(mode="after")
+    def _letta_needs_url(self) -> MemoryConfig:
+        if self.backend == "letta" and not self.letta_url:
+            raise ValueError("memory.backend letta needs memory.letta_url (e.g. http://host:8283)")
+        return self
+
+
 class TyphonConfig(_Strict):
     """The effective configuration. ``source`` is the file it came from (None: defaults only)."""
 
@@ -389,6 +435,7 @@ class TyphonConfig(_Strict):
     crew_modules: list[str] = Field(default_factory=list)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     nodes: list[NodeConfig] = Field(default_factory=list)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
     source: str | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -437,6 +484,11 @@ class TyphonConfig(_Strict):
                             f"router_settings.fallbacks names model '{name}', which is not in the"
                             f" model list ({', '.join(dict.fromkeys(aliases))})"
                         )
+        if self.memory.embeddings != "local" and self.memory.embeddings not in aliases:
+            raise ValueError(
+                f"memory.embeddings names model '{self.memory.embeddings}', which is not in the"
+                " model list; use 'local' or an alias with an embeddings endpoint"
+            )
         for category, alias in self.routing.items():
             if alias not in aliases:
                 raise ValueError(

@@ -115,6 +115,51 @@ model_calls = sa.Table(
 )
 
 
+# v4: memory. Episodic and semantic records (their vectors live in the vector index, keyed by
+# the same id), the working scratch pad per run, and model-performance totals.
+memory_records = sa.Table(
+    "memory_records",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("tier", sa.String(16), nullable=False, index=True),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("crew", sa.String(64), index=True),
+    sa.Column("run_id", sa.String(36), index=True),
+    sa.Column("tags", sa.JSON, nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("meta", sa.JSON, nullable=False),
+    sa.Column("embed_model", sa.String(128), nullable=False),
+)
+
+memory_working = sa.Table(
+    "memory_working",
+    metadata,
+    sa.Column("run_id", sa.String(36), primary_key=True),
+    sa.Column("key", sa.String(128), primary_key=True),
+    sa.Column("value", sa.JSON),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+memory_performance = sa.Table(
+    "memory_performance",
+    metadata,
+    sa.Column("alias", sa.String(128), primary_key=True),
+    sa.Column("category", sa.String(16), primary_key=True),  # "" when unknown
+    sa.Column("calls", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("failures", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("prompt_tokens", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("completion_tokens", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("latency_s", sa.Float, nullable=False, server_default="0"),
+    sa.Column("gpu_s", sa.Float, nullable=False, server_default="0"),
+    sa.Column("runs", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("runs_ok", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("qa_sum", sa.Float, nullable=False, server_default="0"),
+    sa.Column("qa_n", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
 def _migration_1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[runs, run_events])
 
@@ -140,11 +185,16 @@ def _migration_3(conn: Connection) -> None:
     metadata.create_all(conn, tables=[routing_rules, model_calls])
 
 
+def _migration_4(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[memory_records, memory_working, memory_performance])
+
+
 # (version, step): append only; never edit a step that has shipped.
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _migration_1),
     (2, _migration_2),
     (3, _migration_3),
+    (4, _migration_4),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -247,6 +297,11 @@ class RunStore:
                 conn.execute(schema_table.update().values(version=SCHEMA_VERSION))
         self._migrated = True
         return SCHEMA_VERSION
+
+    def migrate_once(self) -> None:
+        """Migrate unless this object already has (for code that uses ``engine`` directly)."""
+        if not self._migrated:
+            self.migrate()
 
     def _run(self, fn: Callable[[Connection], T], *, tx: bool = False) -> T:
         """Run ``fn`` on a connection: in a transaction (``tx``) or in autocommit for a single

@@ -1,0 +1,592 @@
+"""The built-in memory backend: records in the run store's database (SQLite or PostgreSQL),
+vectors in Qdrant (local files under ``$TYPHON_HOME/qdrant``, or a server at ``qdrant_url``).
+
+A record and its vector are written together: the row is inserted in a transaction that commits
+only after the vector is stored, and a vector whose row then fails to commit is deleted again, so
+neither is ever left without the other. Each vector collection is named after the embedding model
+(``typhon_semantic_all-minilm-l6-v2-int8``); records remember their model, and records embedded
+by another model are re-embedded into the current collection on first use instead of mixing
+vector spaces.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from typhon.memory._types import (
+    MemoryBackendError,
+    MemoryInputError,
+    MemoryRecord,
+    Tier,
+)
+from typhon.store import RunStore, memory_performance, memory_records, memory_working
+
+if TYPE_CHECKING:
+    from qdrant_client import QdrantClient, models
+
+    from typhon.memory._embed import Embedder
+
+__all__ = ["BuiltinBackend"]
+
+_REEMBED_BATCH = 64
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _utc(value: datetime) -> datetime:
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
+
+
+class _Vectors:
+    """The Qdrant side: one collection per tier and embedding model."""
+
+    def __init__(self, *, path: Path | None, url: str | None, backend: str):
+        self.path = path
+        self.url = url
+        self.backend = backend
+        self._client: QdrantClient | None = None
+        self._known: set[str] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> QdrantClient:
+        with self._lock:
+            if self._client is None:
+                import warnings
+
+                from qdrant_client import QdrantClient
+
+                try:
+                    if self.url:
+                        self._client = QdrantClient(url=self.url, timeout=10)
+                    else:
+                        assert self.path is not None
+                        self.path.mkdir(parents=True, exist_ok=True)
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            self._client = QdrantClient(path=str(self.path))
+                except Exception as exc:
+                    where = self.url or str(self.path)
+                    hint = "" if self.url else "; another process holds it: set memory.qdrant_url"
+                    raise MemoryBackendError(
+                        f"cannot open the vector index at {where}: {exc}{hint}",
+                        tier="semantic",
+                        backend=self.backend,
+                    ) from None
+            return self._client
+
+    def ensure(self, name: str, dim: int) -> None:
+        if name in self._known:
+            return
+        from qdrant_client import models
+
+        client = self.client
+        if not client.collection_exists(name):
+            client.create_collection(
+                name, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE)
+            )
+        self._known.add(name)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+            self._known.clear()
+
+
+class _Searchable:
+    """Episodic or semantic memory on the built-in backend."""
+
+    def __init__(self, backend: BuiltinBackend, tier: Tier):
+        self.backend = backend
+        self.tier: Tier = tier
+        self._checked_model = False
+
+    # -- helpers ---------------------------------------------------------------------------------
+    @property
+    def _name(self) -> str:
+        return f"typhon_{self.tier}_{_slug(self.backend.embedder.model)}"
+
+    def _error(self, message: str) -> MemoryBackendError:
+        return MemoryBackendError(message, tier=self.tier, backend=self.backend.name_detail)
+
+    def _input(self, message: str) -> MemoryInputError:
+        return MemoryInputError(message, tier=self.tier, backend=self.backend.name_detail)
+
+    def _embed(self, texts: Sequence[str]) -> list[list[float]]:
+        vectors = self.backend.embedder.embed(list(texts))
+        dim = self.backend.embedder.dim
+        for v in vectors:
+            if len(v) != dim:
+                raise self._error(
+                    f"embedding model '{self.backend.embedder.model}' returned {len(v)}-dim"
+                    f" vectors, expected {dim}"
+                )
+        return vectors
+
+    def _ready(self) -> None:
+        self.backend.store.migrate_once()
+        self.backend.vectors.ensure(self._name, self.backend.embedder.dim)
+        if not self._checked_model:
+            self._reembed_other_models()
+            self._checked_model = True
+
+    def _payload(self, rec: MemoryRecord) -> dict[str, Any]:
+        return {
+            "crew": rec.crew,
+            "run_id": rec.run_id,
+            "tags": list(rec.tags),
+            "kind": rec.kind,
+            "created_at": rec.created_at.timestamp(),
+        }
+
+    # -- writes ----------------------------------------------------------------------------------
+    def add(
+        self,
+        text: str,
+        *,
+        crew: str | None = None,
+        run_id: str | None = None,
+        tags: Sequence[str] = (),
+        kind: str = "note",
+        meta: dict[str, Any] | None = None,
+        created_at: datetime | None = None,
+    ) -> MemoryRecord:
+        if not text.strip():
+            raise self._input("nothing to remember: the text is empty")
+        limit = self.backend.max_record_chars
+        if len(text) > limit:
+            raise self._input(
+                f"a record of {len(text)} characters is over the limit of {limit}"
+                " (memory.max_record_chars); shorten or split it"
+            )
+        rec = MemoryRecord(
+            id=str(uuid.uuid4()), tier=self.tier, text=text,
+            created_at=_utc(created_at) if created_at else _now(), crew=crew, run_id=run_id,
+            tags=tuple(dict.fromkeys(tags)), kind=kind, meta=dict(meta or {}),
+        )  # fmt: skip
+        self._ready()
+        [vector] = self._embed([text])
+        self._write([rec], [vector])
+        self._enforce_budget()
+        return rec
+
+    def _write(self, records: Sequence[MemoryRecord], vectors: Sequence[list[float]]) -> None:
+        """Rows and vectors together: rows commit only after the vectors are stored; vectors
+        whose rows fail to commit are removed."""
+        from qdrant_client import models
+
+        store, vectors_ = self.backend.store, self.backend.vectors
+        rows = [
+            {
+                "id": r.id, "tier": r.tier, "text": r.text, "created_at": r.created_at,
+                "crew": r.crew, "run_id": r.run_id, "tags": list(r.tags), "kind": r.kind,
+                "meta": r.meta, "embed_model": self.backend.embedder.model,
+            }
+            for r in records
+        ]  # fmt: skip
+        points = [
+            models.PointStruct(id=r.id, vector=v, payload=self._payload(r))
+            for r, v in zip(records, vectors, strict=True)
+        ]
+        stored = False
+        try:
+            with store.engine.begin() as conn:
+                conn.execute(memory_records.insert(), rows)
+                try:
+                    vectors_.client.upsert(self._name, points=points, wait=True)
+                except MemoryBackendError:
+                    raise
+                except Exception as exc:
+                    raise self._error(f"the vector index refused the write: {exc}") from None
+                stored = True
+        except sa.exc.SQLAlchemyError as exc:
+            if stored:
+                self._delete_vectors([r.id for r in records])
+            raise self._error(f"the database refused the write: {exc}".splitlines()[0]) from None
+
+    def _delete_vectors(self, ids: Sequence[str]) -> None:
+        from qdrant_client import models
+
+        try:
+            self.backend.vectors.client.delete(
+                self._name, points_selector=models.PointIdsList(points=list(ids)), wait=True
+            )
+        except Exception as exc:
+            raise self._error(f"could not remove vectors {list(ids)}: {exc}") from None
+
+    def forget(self, record_id: str) -> bool:
+        self._ready()
+        with self.backend.store.engine.begin() as conn:
+            deleted = conn.execute(
+                memory_records.delete().where(
+                    memory_records.c.id == record_id, memory_records.c.tier == self.tier
+                )
+            ).rowcount
+            if deleted:
+                self._delete_vectors([record_id])
+        return bool(deleted)
+
+    def _enforce_budget(self) -> None:
+        budget = self.backend.max_records.get(self.tier)
+        if budget is None:
+            return
+        over = self.count() - budget
+        if over <= 0:
+            return
+        query = (
+            sa.select(memory_records.c.id)
+            .where(memory_records.c.tier == self.tier)
+            .order_by(memory_records.c.created_at, memory_records.c.id)
+            .limit(over)
+        )
+        with self.backend.store.engine.connect() as conn:
+            ids = [r[0] for r in conn.execute(query)]
+        for record_id in ids:
+            self.forget(record_id)
+
+    # -- reads -----------------------------------------------------------------------------------
+    def get(self, record_id: str) -> MemoryRecord | None:
+        rows = self._rows([record_id])
+        return rows.get(record_id)
+
+    def _rows(self, ids: Sequence[str]) -> dict[str, MemoryRecord]:
+        if not ids:
+            return {}
+        query = sa.select(memory_records).where(
+            memory_records.c.id.in_(list(ids)), memory_records.c.tier == self.tier
+        )
+        self.backend.store.migrate_once()
+        with self.backend.store.engine.connect() as conn:
+            return {r["id"]: _record(r) for r in conn.execute(query).mappings()}
+
+    def _filter(
+        self,
+        crew: str | None,
+        tags: Sequence[str],
+        kind: str | None,
+        since: datetime | None,
+    ) -> models.Filter | None:
+        from qdrant_client import models
+
+        must: list[Any] = []
+        if crew is not None:
+            must.append(models.FieldCondition(key="crew", match=models.MatchValue(value=crew)))
+        for tag in tags:
+            must.append(models.FieldCondition(key="tags", match=models.MatchValue(value=tag)))
+        if kind is not None:
+            must.append(models.FieldCondition(key="kind", match=models.MatchValue(value=kind)))
+        if since is not None:
+            must.append(
+                models.FieldCondition(
+                    key="created_at", range=models.Range(gte=_utc(since).timestamp())
+                )
+            )
+        return models.Filter(must=must) if must else None
+
+    def search(
+        self,
+        query: str,
+        *,
+        k: int = 5,
+        crew: str | None = None,
+        tags: Sequence[str] = (),
+        kind: str | None = None,
+        since: datetime | None = None,
+        min_score: float = 0.0,
+    ) -> list[MemoryRecord]:
+        if not query.strip():
+            raise self._input("the search query is empty; say what to look for")
+        if k <= 0:
+            return []
+        self._ready()
+        [vector] = self._embed([query])
+        try:
+            found = self.backend.vectors.client.query_points(
+                self._name,
+                query=vector,
+                limit=k,
+                query_filter=self._filter(crew, tags, kind, since),
+                score_threshold=min_score if min_score > 0 else None,
+            ).points
+        except MemoryBackendError:
+            raise
+        except Exception as exc:
+            raise self._error(f"search failed: {exc}") from None
+        rows = self._rows([str(p.id) for p in found])
+        out = []
+        for point in found:
+            rec = rows.get(str(point.id))
+            if rec is not None:
+                out.append(_with_score(rec, float(point.score)))
+        return out
+
+    def list(
+        self,
+        *,
+        limit: int = 50,
+        crew: str | None = None,
+        tags: Sequence[str] = (),
+        kind: str | None = None,
+        since: datetime | None = None,
+    ) -> list[MemoryRecord]:
+        c = memory_records.c
+        query = sa.select(memory_records).where(c.tier == self.tier)
+        if crew is not None:
+            query = query.where(c.crew == crew)
+        if kind is not None:
+            query = query.where(c.kind == kind)
+        if since is not None:
+            query = query.where(c.created_at >= _utc(since))
+        query = query.order_by(c.created_at.desc(), c.id)
+        self.backend.store.migrate_once()
+        out: list[MemoryRecord] = []
+        with self.backend.store.engine.connect() as conn:
+            for row in conn.execute(query).mappings():
+                rec = _record(row)
+                if all(t in rec.tags for t in tags):
+                    out.append(rec)
+                    if len(out) >= limit:
+                        break
+        return out
+
+    def count(self) -> int:
+        self.backend.store.migrate_once()
+        query = sa.select(sa.func.count()).where(memory_records.c.tier == self.tier)
+        with self.backend.store.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    # -- model changes ---------------------------------------------------------------------------
+    def _reembed_other_models(self) -> None:
+        """Records embedded by another model go into this model's collection (re-embedded)."""
+        from qdrant_client import models
+
+        c = memory_records.c
+        model = self.backend.embedder.model
+        self.backend.store.migrate_once()
+        while True:
+            query = (
+                sa.select(memory_records)
+                .where(c.tier == self.tier, c.embed_model != model)
+                .limit(_REEMBED_BATCH)
+            )
+            with self.backend.store.engine.connect() as conn:
+                batch = [_record(r) for r in conn.execute(query).mappings()]
+            if not batch:
+                return
+            vectors = self._embed([r.text for r in batch])
+            points = [
+                models.PointStruct(id=r.id, vector=v, payload=self._payload(r))
+                for r, v in zip(batch, vectors, strict=True)
+            ]
+            self.backend.vectors.client.upsert(self._name, points=points, wait=True)
+            with self.backend.store.engine.begin() as conn:
+                conn.execute(
+                    memory_records.update()
+                    .where(c.id.in_([r.id for r in batch]))
+                    .values(embed_model=model)
+                )
+
+
+class _Episodic(_Searchable):
+    def compact(self, older_than: timedelta, summarize: Callable[[list[MemoryRecord]], str]) -> int:
+        cutoff = _now() - older_than
+        c = memory_records.c
+        query = (
+            sa.select(memory_records)
+            .where(c.tier == self.tier, c.created_at < cutoff, c.kind != "summary")
+            .order_by(c.created_at)
+        )
+        self.backend.store.migrate_once()
+        with self.backend.store.engine.connect() as conn:
+            old = [_record(r) for r in conn.execute(query).mappings()]
+        by_crew: dict[str | None, list[MemoryRecord]] = {}
+        for rec in old:
+            by_crew.setdefault(rec.crew, []).append(rec)
+        folded = 0
+        for crew, group in by_crew.items():
+            text = summarize(group)[: self.backend.max_record_chars]
+            self.add(
+                text, crew=crew, kind="summary", tags=("summary",),
+                meta={"replaces": [r.id for r in group], "from": group[0].created_at.isoformat(),
+                      "to": group[-1].created_at.isoformat()},
+                created_at=group[-1].created_at,
+            )  # fmt: skip
+            for rec in group:
+                self.forget(rec.id)
+            folded += len(group)
+        return folded
+
+
+class _Working:
+    def __init__(self, backend: BuiltinBackend):
+        self.backend = backend
+
+    def put(self, run_id: str, key: str, value: Any) -> None:
+        store = self.backend.store
+        store.migrate_once()
+        t = memory_working
+        with store.engine.begin() as conn:
+            conn.execute(t.delete().where(t.c.run_id == run_id, t.c.key == key))
+            conn.execute(t.insert().values(run_id=run_id, key=key, value=value, updated_at=_now()))
+
+    def get(self, run_id: str, key: str, default: Any = None) -> Any:
+        return self.items(run_id).get(key, default)
+
+    def items(self, run_id: str) -> dict[str, Any]:
+        store = self.backend.store
+        store.migrate_once()
+        t = memory_working
+        query = sa.select(t.c.key, t.c.value).where(t.c.run_id == run_id).order_by(t.c.key)
+        with store.engine.connect() as conn:
+            return {k: v for k, v in conn.execute(query)}
+
+    def clear(self, run_id: str) -> int:
+        store = self.backend.store
+        store.migrate_once()
+        t = memory_working
+        with store.engine.begin() as conn:
+            return int(conn.execute(t.delete().where(t.c.run_id == run_id)).rowcount)
+
+
+_PERF_SUMS = (
+    "calls", "failures", "prompt_tokens", "completion_tokens", "latency_s", "gpu_s", "runs",
+    "runs_ok",
+)  # fmt: skip
+
+
+class _Performance:
+    def __init__(self, backend: BuiltinBackend):
+        self.backend = backend
+
+    def record(
+        self,
+        alias: str,
+        category: str | None,
+        *,
+        calls: int = 0,
+        failures: int = 0,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        latency_s: float = 0.0,
+        gpu_s: float = 0.0,
+        runs: int = 0,
+        runs_ok: int = 0,
+        qa_score: float | None = None,
+    ) -> None:
+        add: dict[str, Any] = {
+            "calls": calls, "failures": failures, "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens, "latency_s": latency_s, "gpu_s": gpu_s,
+            "runs": runs, "runs_ok": runs_ok,
+            "qa_sum": qa_score or 0.0, "qa_n": 0 if qa_score is None else 1,
+        }  # fmt: skip
+        store = self.backend.store
+        store.migrate_once()
+        t = memory_performance
+        if store.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+        stmt = insert(t).values(alias=alias, category=category or "", updated_at=_now(), **add)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[t.c.alias, t.c.category],
+            set_={"updated_at": stmt.excluded.updated_at,
+                  **{k: getattr(t.c, k) + getattr(stmt.excluded, k) for k in add}},
+        )  # fmt: skip
+        with store.engine.begin() as conn:
+            conn.execute(stmt)
+
+    def stats(self, alias: str | None = None, category: str | None = None) -> list[dict[str, Any]]:
+        store = self.backend.store
+        store.migrate_once()
+        t = memory_performance
+        query = sa.select(t).order_by(t.c.alias, t.c.category)
+        if alias is not None:
+            query = query.where(t.c.alias == alias)
+        if category is not None:
+            query = query.where(t.c.category == category)
+        with store.engine.connect() as conn:
+            rows = list(conn.execute(query).mappings())
+        return [_perf_row(r) for r in rows]
+
+
+def _perf_row(r: Any) -> dict[str, Any]:
+    calls, runs, qa_n = int(r["calls"]), int(r["runs"]), int(r["qa_n"])
+    return {
+        "alias": r["alias"],
+        "category": r["category"] or None,
+        **{k: r[k] for k in _PERF_SUMS},
+        "failure_rate": round(r["failures"] / calls, 4) if calls else 0.0,
+        "success_rate": round(r["runs_ok"] / runs, 4) if runs else None,
+        "mean_latency_s": round(r["latency_s"] / calls, 4) if calls else None,
+        "qa_score": round(r["qa_sum"] / qa_n, 4) if qa_n else None,
+        "qa_reviews": qa_n,
+    }
+
+
+def _record(row: Any) -> MemoryRecord:
+    return MemoryRecord(
+        id=row["id"],
+        tier=row["tier"],
+        text=row["text"],
+        created_at=_utc(row["created_at"]),
+        crew=row["crew"],
+        run_id=row["run_id"],
+        tags=tuple(row["tags"] or ()),
+        kind=row["kind"],
+        meta=dict(row["meta"] or {}),
+    )
+
+
+def _with_score(rec: MemoryRecord, score: float) -> MemoryRecord:
+    from dataclasses import replace
+
+    return replace(rec, score=score)
+
+
+class BuiltinBackend:
+    """The four tiers on the run store's database and a Qdrant index."""
+
+    name = "builtin"
+
+    def __init__(
+        self,
+        store: RunStore,
+        embedder: Embedder,
+        *,
+        qdrant_path: Path | None = None,
+        qdrant_url: str | None = None,
+        max_record_chars: int = 20_000,
+        max_records: dict[str, int] | None = None,
+    ):
+        if qdrant_path is None and qdrant_url is None:
+            raise ValueError("give qdrant_path (local files) or qdrant_url (a Qdrant server)")
+        self.store = store
+        self.embedder = embedder
+        db = store.url.split("@")[-1].split("?")[0]
+        self.name_detail = f"builtin: {db} + qdrant at {qdrant_url or qdrant_path}"
+        self.vectors = _Vectors(path=qdrant_path, url=qdrant_url, backend=self.name_detail)
+        self.max_record_chars = max_record_chars
+        self.max_records = dict(max_records or {})
+        self.working = _Working(self)
+        self.episodic = _Episodic(self, "episodic")
+        self.semantic = _Searchable(self, "semantic")
+        self.performance = _Performance(self)
+
+    def close(self) -> None:
+        self.vectors.close()
