@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -29,7 +30,16 @@ from typhon.errors import (
     RunCancelled,
     TyphonError,
 )
-from typhon.models import ChatResult, ModelRegistry, RecordingClient, Router, endpoint_of
+from typhon.memory import Memory, open_memory
+from typhon.memory._cache import CachingClient, prompt_version_of
+from typhon.models import (
+    ChatResult,
+    ModelClient,
+    ModelRegistry,
+    RecordingClient,
+    Router,
+    endpoint_of,
+)
 from typhon.resources import parse_cpuset
 from typhon.resources.slots import Lease, RedisSlots, Slots, acquire, slots_for
 from typhon.store import RunStore
@@ -63,6 +73,9 @@ class Runtime:
         self.registry.load_modules(config.crew_modules)
         self.models = models or ModelRegistry(config)
         self._router: Router | None = None
+        self._memory: Memory | None = None
+        self._memory_state = "closed"  # closed | open | off
+        self._memory_lock = threading.Lock()
         self.heartbeats = _Heartbeats(self)
         # Slots and notifications on the same Redis: releasing a run's slots also publishes its
         # notification, in one script (one round trip for both).
@@ -78,6 +91,30 @@ class Runtime:
     @property
     def artifacts_root(self) -> Path:
         return self.config.home / "artifacts"
+
+    @property
+    def memory(self) -> Memory | None:
+        """This process's memory, opened on first use; None when it is off. With the built-in
+        backend on local Qdrant files, only an embedded process uses memory: Qdrant's local mode
+        admits one process, so workers of a cluster need ``memory.qdrant_url`` (or Letta)."""
+        with self._memory_lock:
+            if self._memory_state == "closed":
+                settings = self.config.memory
+                local_only = settings.backend == "builtin" and not settings.qdrant_url
+                if local_only and self.config.broker_url:
+                    log.warning(
+                        "memory off in this worker: set memory.qdrant_url (a Qdrant server)"
+                        " for the built-in backend on a cluster"
+                    )
+                    self._memory_state = "off"
+                else:
+                    try:
+                        self._memory = open_memory(self.config, self.store, self.models)
+                        self._memory_state = "open"
+                    except TyphonError as exc:
+                        log.warning("memory off: cannot open it", error=str(exc))
+                        self._memory_state = "off"
+            return self._memory
 
     @property
     def router(self) -> Router:
@@ -96,6 +133,9 @@ class Runtime:
 
     def close(self) -> None:
         self.heartbeats.close()
+        if self._memory is not None:
+            self._memory.close()
+            self._memory, self._memory_state = None, "closed"
         self.models.close()
         self.store.close()
         self.notifier.close()
@@ -284,13 +324,72 @@ def execute_run(runtime: Runtime, run_id: str, pool_name: str | None = None) -> 
 def _run(runtime: Runtime, record: RunRecord) -> RunStatus:
     settings = runtime.config.crew_settings(record.crew)
     guard = _Guard(runtime.store, record.id, record.attempts, settings.timeout_s)
-    recorded, outcome = _run_with_retries(runtime, record, guard, settings)
+    try:
+        recorded, outcome = _run_with_retries(runtime, record, guard, settings)
+    finally:
+        _forget_working(runtime, record.id)
     if not recorded:
         outcome = runtime.store.status(record.id)
         log.info("outcome ignored: run already finished or taken back", status=outcome.value)
     else:
         log.info("run finished", status=outcome.value)
+        _remember_outcome(runtime, record.id)
     return outcome
+
+
+def _memory_for(runtime: Runtime, record: RunRecord) -> Memory | None:
+    if record.options.get("no_memory"):
+        return None
+    return runtime.memory
+
+
+def _forget_working(runtime: Runtime, run_id: str) -> None:
+    """Working memory lives and dies with the run."""
+    memory = runtime._memory  # only if this run opened it
+    if memory is None:
+        return
+    try:
+        memory.backend.working.clear(run_id)
+    except TyphonError as exc:
+        log.warning("could not clear working memory", error=str(exc))
+
+
+def _remember_outcome(runtime: Runtime, run_id: str) -> None:
+    """After a run: its outcome as an episode, its model calls into model performance."""
+    record = runtime.store.get(run_id)
+    memory = _memory_for(runtime, record)
+    if memory is None:
+        return
+    status = record.status.value
+    text = f"{record.crew} run {status}: {record.input[:400]}"
+    if record.output:
+        text += f"\n-> {record.output[:800]}"
+    if record.error:
+        text += f"\n(error: {record.error[:300]})"
+    meta = {
+        "status": status, "model": record.model, "category": record.category,
+        "rules_version": record.rules_version, "degraded": record.degraded,
+        "tokens": record.usage.total_tokens,
+    }  # fmt: skip
+    tags = tuple(t for t in (status, record.category, record.model) if t)
+    try:
+        memory.backend.episodic.add(
+            text, crew=record.crew, run_id=record.id, kind="run", tags=tags, meta=meta
+        )
+        by_alias = runtime.store.run_calls_by_alias(record.id) or [
+            {"alias": record.model or "", "calls": 0}
+        ]
+        for i, calls in enumerate(by_alias):
+            alias = str(calls.pop("alias"))
+            if not alias:
+                continue
+            first = i == 0
+            memory.backend.performance.record(
+                alias, record.category, runs=int(first),
+                runs_ok=int(first and record.status is RunStatus.SUCCEEDED), **calls,
+            )  # fmt: skip
+    except TyphonError as exc:
+        log.warning("could not record the run in memory", error=str(exc))
 
 
 def _run_with_retries(
@@ -368,6 +467,7 @@ def _attempt(runtime: Runtime, record: RunRecord, alias: str | None, guard: _Gua
         artifacts_dir=runtime.artifacts_root / record.id,
         store=runtime.store,
         guard=guard,
+        memory=_memory_for(runtime, record),
     )
     log.info("run started", model=alias, attempt=record.attempts)
     result = crew_cls().run(ctx)
@@ -382,6 +482,9 @@ def _model_client(runtime: Runtime, run: RunRecord, alias: str, guard: _Guard) -
     store, config = runtime.store, runtime.config
 
     def record(result: ChatResult) -> None:
+        if result.url == "cache":  # answered by the semantic cache: no model call was made
+            store.add_event(run.id, "cache_hit", {"model": alias})
+            return
         used = result.alias or alias
         store.add_usage(run.id, result.usage)
         store.add_model_call(
@@ -401,10 +504,21 @@ def _model_client(runtime: Runtime, run: RunRecord, alias: str, guard: _Guard) -
                 gpu_s=0.0, ok=False, error=str(exc)[:500], run_id=run.id, category=run.category,
             )  # fmt: skip
 
+    def resolve() -> ModelClient:
+        client = runtime.models.client(alias)
+        memory = None if run.options.get("no_cache") else _memory_for(runtime, run)
+        if memory is None or memory.cache is None:
+            return client
+        crew_cls = runtime.registry.get(run.crew)
+        version = getattr(crew_cls, "prompt_version", None) or prompt_version_of(
+            crew_cls.name, getattr(sys.modules.get(crew_cls.__module__), "PROMPTS", None)
+        )
+        return CachingClient(client, memory.cache, prompt_version=str(version))
+
     return RecordingClient(
         alias,
         runtime.models.endpoint(alias),
-        lambda: runtime.models.client(alias),
+        resolve,
         record=record,
         before=guard,
         failed=failed,

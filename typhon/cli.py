@@ -33,6 +33,8 @@ models_app = typer.Typer(
 app.add_typer(models_app, name="models")
 routing_app = typer.Typer(help="Versions of the routing rules.", no_args_is_help=True)
 app.add_typer(routing_app, name="routing")
+memory_app = typer.Typer(help="Search, add and forget memories.", no_args_is_help=True)
+app.add_typer(memory_app, name="memory")
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="typhon.yaml to use.", show_default=False)
@@ -126,9 +128,14 @@ def run(
     ] = None,
     model: Annotated[str | None, typer.Option("--model", help="Model alias to use.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Seconds to wait.")] = None,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Do not answer from the semantic cache.")
+    ] = False,
 ) -> None:
     """Run a crew and wait for its result (exit 0 only when it succeeded)."""
     options: dict[str, Any] = {}
+    if no_cache:
+        options["no_cache"] = True
     if docs is not None:
         if not docs.is_dir():
             _fail(f"--docs {docs} is not a folder; give a folder of text, Markdown or PDF files", 2)
@@ -429,6 +436,111 @@ def routing_activate(version: Annotated[int, typer.Argument(help="Rules version.
             _fail(f"no routing rules v{version}; see `typhon routing history` ({known})", 2)
         typhon.store.activate_rules(version)
     typer.echo(f"routing rules v{version} active")
+
+
+def _memory_tier(tier: str, allowed: tuple[str, ...]) -> str:
+    if tier not in allowed:
+        _fail(f"unknown tier '{tier}'; use one of {', '.join(allowed)}", 2)
+    return tier
+
+
+@memory_app.command("search")
+def memory_search(
+    query: Annotated[str, typer.Argument(help="What to look for, in words.")],
+    tier: Annotated[str, typer.Option(help="semantic, episodic or all.")] = "all",
+    k: Annotated[int, typer.Option("-k", min=1, max=100, help="How many.")] = 5,
+    crew: Annotated[str | None, typer.Option(help="Only this crew's memories.")] = None,
+    tag: Annotated[list[str] | None, typer.Option(help="Only with this tag (repeatable).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Memories closest in meaning to QUERY, best first."""
+    if not query.strip():
+        _fail("the query is empty; say what to look for, e.g. typhon memory search 'GPUs'", 2)
+    tiers = ("semantic", "episodic") if tier == "all" else (
+        _memory_tier(tier, ("semantic", "episodic", "all")),
+    )  # fmt: skip
+    with _typhon() as typhon:
+        memory = typhon.runtime.memory
+        if memory is None:
+            _fail("memory is off for this configuration (see the log with -v)", 1)
+        hits = []
+        for name in tiers:
+            store = getattr(memory.backend, name)
+            hits += store.search(query, k=k, crew=crew, tags=tag or ())
+    hits.sort(key=lambda r: r.score or 0.0, reverse=True)
+    hits = hits[:k]
+    if as_json:
+        typer.echo(json.dumps([h.to_json() for h in hits]))
+        return
+    for h in hits:
+        typer.echo(f"{h.score or 0:.3f}  {h.tier:<9} {h.id}  {h.text[:100]}")
+
+
+@memory_app.command("add")
+def memory_add(
+    text: Annotated[str, typer.Argument(help="What to remember.")],
+    tier: Annotated[str, typer.Option(help="semantic or episodic.")] = "semantic",
+    kind: Annotated[str, typer.Option(help="fact, preference, note, ...")] = "fact",
+    crew: Annotated[str | None, typer.Option(help="The crew it belongs to.")] = None,
+    tag: Annotated[list[str] | None, typer.Option(help="A tag (repeatable).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remember TEXT (semantic memory by default)."""
+    _memory_tier(tier, ("semantic", "episodic"))
+    with _typhon() as typhon:
+        memory = typhon.runtime.memory
+        if memory is None:
+            _fail("memory is off for this configuration (see the log with -v)", 1)
+        rec = getattr(memory.backend, tier).add(text, kind=kind, crew=crew, tags=tag or ())
+    typer.echo(json.dumps(rec.to_json()) if as_json else rec.id)
+
+
+@memory_app.command("forget")
+def memory_forget(record_id: Annotated[str, typer.Argument(help="The memory's id.")]) -> None:
+    """Forget one memory (episodic or semantic) by its id."""
+    with _typhon() as typhon:
+        memory = typhon.runtime.memory
+        if memory is None:
+            _fail("memory is off for this configuration (see the log with -v)", 1)
+        if not any(getattr(memory.backend, t).forget(record_id) for t in ("semantic", "episodic")):
+            _fail(f"no memory '{record_id}'; see typhon memory search", 2)
+    typer.echo(f"forgot {record_id}")
+
+
+@memory_app.command("stats")
+def memory_stats(as_json: JsonOpt = False) -> None:
+    """Records per tier, model performance, semantic-cache hits and misses."""
+    with _typhon() as typhon:
+        memory = typhon.runtime.memory
+        if memory is None:
+            _fail("memory is off for this configuration (see the log with -v)", 1)
+        data = {
+            "backend": memory.backend.name,
+            "embeddings": memory.embedder.model,
+            "episodic": memory.backend.episodic.count(),
+            "semantic": memory.backend.semantic.count(),
+            "performance": memory.backend.performance.stats(),
+            "cache": memory.cache.stats() if memory.cache else None,
+        }
+    if as_json:
+        typer.echo(json.dumps(data))
+        return
+    typer.echo(
+        f"backend {data['backend']} ({data['embeddings']}): {data['episodic']} episodic,"
+        f" {data['semantic']} semantic"
+    )
+    cache = data["cache"]
+    if isinstance(cache, dict):
+        total = cache["_all"]
+        typer.echo(
+            f"cache: {total['entries']} entries, {total['hits']} hits, {total['misses']} misses"
+        )
+    for row in data["performance"]:  # type: ignore[attr-defined]
+        typer.echo(
+            f"  {row['alias']:<20} {row['category'] or '-':<9} runs {row['runs']}"
+            f" ok {row['runs_ok']} calls {row['calls']} fail {row['failures']}"
+            f" gpu_s {row['gpu_s']:.2f}"
+        )
 
 
 @config_app.command("show")

@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -15,6 +15,9 @@ from typhon.config import CrewSettings, TyphonConfig
 from typhon.errors import RunCancelled
 from typhon.models import ModelClient
 from typhon.store import RunStore
+
+if TYPE_CHECKING:
+    from typhon.memory import Memory, MemoryRecord
 
 __all__ = ["RunContext"]
 
@@ -41,6 +44,29 @@ class RunContext:
     log: Any = field(default=None)
     artifacts: dict[str, str | bytes] = field(default_factory=dict)
     guard: Callable[[], None] | None = None
+    memory: Memory | None = None  # None when memory is off for this run
+
+    def recall(self, query: str | None = None) -> list[MemoryRecord]:
+        """The semantic and episodic memories most relevant to ``query`` (default: the run's
+        input), within the configured count and token budget; [] when memory is off."""
+        if self.memory is None:
+            return []
+        cfg = self.config.memory
+        return self.memory.recall(
+            query or self.input, crew=self.crew, k=cfg.recall_k,
+            token_budget=cfg.recall_token_budget,
+        )  # fmt: skip
+
+    def remember(self, key: str, value: Any) -> None:
+        """Working memory: keep ``value`` under ``key`` for the rest of this run."""
+        if self.memory is not None:
+            self.memory.backend.working.put(self.run_id, key, value)
+
+    def recalled(self, key: str, default: Any = None) -> Any:
+        """Working memory: what ``remember`` kept under ``key`` in this run."""
+        if self.memory is None:
+            return default
+        return self.memory.backend.working.get(self.run_id, key, default)
 
     def __post_init__(self) -> None:
         if self.log is None:

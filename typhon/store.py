@@ -607,6 +607,31 @@ class RunStore:
             )  # fmt: skip
         return out
 
+    def run_calls_by_alias(self, run_id: str) -> list[dict[str, Any]]:
+        """One run's model calls summed per alias that answered (for model-performance memory)."""
+        c = model_calls.c
+        failed = sa.func.sum(sa.case((c.ok == sa.false(), 1), else_=0))
+        query = (
+            sa.select(
+                c.alias, sa.func.count().label("calls"), failed.label("failures"),
+                sa.func.sum(c.prompt_tokens).label("prompt_tokens"),
+                sa.func.sum(c.completion_tokens).label("completion_tokens"),
+                sa.func.sum(c.latency_s).label("latency_s"), sa.func.sum(c.gpu_s).label("gpu_s"),
+            )
+            .where(c.run_id == run_id)
+            .group_by(c.alias)
+        )  # fmt: skip
+        rows = self._run(lambda conn: list(conn.execute(query).mappings()))
+        return [
+            {
+                "alias": r["alias"], "calls": int(r["calls"]), "failures": int(r["failures"] or 0),
+                "prompt_tokens": int(r["prompt_tokens"] or 0),
+                "completion_tokens": int(r["completion_tokens"] or 0),
+                "latency_s": float(r["latency_s"] or 0), "gpu_s": float(r["gpu_s"] or 0),
+            }
+            for r in rows
+        ]  # fmt: skip
+
     # -- routing rules -----------------------------------------------------------------------------
     def rules_versions(self) -> list[dict[str, Any]]:
         query = sa.select(routing_rules).order_by(routing_rules.c.version)

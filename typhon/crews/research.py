@@ -144,6 +144,14 @@ class ResearchCrew(Crew):
         index = _docs_index(ctx)
         ctx.step("gathering sources")
         material = gather(ctx, book, index)
+        remembered = ctx.recall()
+        if remembered:
+            from typhon.memory import recall_text
+
+            ctx.step("recalled memories", count=len(remembered))
+            material += "\n\nWhat earlier runs and stored knowledge say:\n" + recall_text(
+                remembered
+            )
 
         from crewai import Agent, Crew, Process, Task
 

@@ -22,10 +22,14 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from typhon.memory._types import (
+    EpisodicMemory,
     MemoryBackendError,
     MemoryInputError,
     MemoryRecord,
+    ModelPerformanceMemory,
+    SearchableMemory,
     Tier,
+    WorkingMemory,
 )
 from typhon.store import RunStore, memory_performance, memory_records, memory_working
 
@@ -583,10 +587,10 @@ class BuiltinBackend:
         self.vectors = _Vectors(path=qdrant_path, url=qdrant_url, backend=self.name_detail)
         self.max_record_chars = max_record_chars
         self.max_records = dict(max_records or {})
-        self.working = _Working(self)
-        self.episodic = _Episodic(self, "episodic")
-        self.semantic = _Searchable(self, "semantic")
-        self.performance = _Performance(self)
+        self.working: WorkingMemory = _Working(self)
+        self.episodic: EpisodicMemory = _Episodic(self, "episodic")
+        self.semantic: SearchableMemory = _Searchable(self, "semantic")
+        self.performance: ModelPerformanceMemory = _Performance(self)
 
     def close(self) -> None:
         self.vectors.close()

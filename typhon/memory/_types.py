@@ -152,9 +152,7 @@ class SearchableMemory(Protocol):
 
 
 class EpisodicMemory(SearchableMemory, Protocol):
-    def compact(
-        self, older_than: timedelta, summarize: Callable[[list[MemoryRecord]], str]
-    ) -> int:
+    def compact(self, older_than: timedelta, summarize: Callable[[list[MemoryRecord]], str]) -> int:
         """Replace episodes older than ``older_than`` by one summary per crew (kind
         ``summary``, listing the ids it replaced); return how many episodes were folded."""
         ...
