@@ -513,7 +513,7 @@ def _model_client(runtime: Runtime, run: RunRecord, alias: str, guard: _Guard) -
         version = getattr(crew_cls, "prompt_version", None) or prompt_version_of(
             crew_cls.name, getattr(sys.modules.get(crew_cls.__module__), "PROMPTS", None)
         )
-        return CachingClient(client, memory.cache, prompt_version=str(version))
+        return CachingClient(client, memory.cache, prompt_version=str(version), alias=alias)
 
     return RecordingClient(
         alias,

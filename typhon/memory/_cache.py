@@ -250,11 +250,18 @@ class CachingClient:
     """A ModelClient in front of another: plain chat calls (no tools) are answered from the
     semantic cache when it has a close enough earlier answer, and stored when it has not."""
 
-    def __init__(self, inner: ModelClient, cache: SemanticCache, *, prompt_version: str):
+    def __init__(
+        self,
+        inner: ModelClient,
+        cache: SemanticCache,
+        *,
+        prompt_version: str,
+        alias: str | None = None,
+    ):
         self.inner = inner
         self.cache = cache
         self.prompt_version = prompt_version
-        self.alias = inner.alias
+        self.alias = alias or inner.alias
         self.url = inner.url
 
     def chat(

@@ -1,0 +1,102 @@
+"""Memory in runs, end to end in an embedded Typhon (real store, real MiniLM, local Qdrant): the
+outcome becomes an episode, model calls go to model performance, working memory dies with the
+run, recall feeds the next run, and the semantic cache answers a repeated request."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from typhon.config import TyphonConfig
+from typhon.context import RunContext
+from typhon.crews import CrewRegistry, crew
+from typhon.orchestrator import Typhon
+from typhon.testing import ScriptedModel, ScriptedModels
+
+pytestmark = pytest.mark.integration
+
+TYPHON = str(Path(sys.executable).parent / "typhon")
+
+
+def _typhon(config: TyphonConfig, model: ScriptedModel, seen: dict[str, Any]) -> Typhon:
+    registry = CrewRegistry(builtins={})
+
+    @crew("notes", registry=registry, category="simple")
+    def notes(ctx: RunContext) -> str:
+        seen["recalled"] = [r.text for r in ctx.recall()]
+        ctx.remember("draft", {"step": 1})
+        seen["working"] = ctx.recalled("draft")
+        return ctx.model.chat([{"role": "user", "content": ctx.input}]).content
+
+    return Typhon(config, registry=registry, models=ScriptedModels(config, model))
+
+
+def test_a_run_leaves_an_episode_and_model_performance(home: Path) -> None:
+    config = TyphonConfig(home=home)
+    seen: dict[str, Any] = {}
+    with _typhon(config, ScriptedModel("Lisbon is the capital of Portugal."), seen) as typhon:
+        record = typhon.submit("notes", "What is the capital of Portugal?").wait(60)
+        memory = typhon.runtime.memory
+        assert memory is not None
+        assert seen["working"] == {"step": 1}
+        assert memory.backend.working.items(record.id) == {}  # gone with the run
+        [episode] = memory.backend.episodic.list(crew="notes")
+        assert episode.run_id == record.id and episode.kind == "run"
+        assert "succeeded" in episode.text and "Lisbon" in episode.text
+        assert episode.meta["model"] == "local" and episode.meta["category"] == "simple"
+        [perf] = memory.backend.performance.stats("local")
+        assert (perf["runs"], perf["runs_ok"], perf["category"]) == (1, 1, "simple")
+
+        second = typhon.submit("notes", "Portugal's capital city?").wait(60)
+    assert second.status.value == "succeeded"
+    assert any("Lisbon" in text for text in seen["recalled"])  # the first run, recalled
+
+
+def test_the_cache_answers_a_paraphrase_and_no_cache_skips_it(home: Path) -> None:
+    config = TyphonConfig(home=home)
+    model = ScriptedModel("first answer", "second answer", "third answer")
+    seen: dict[str, Any] = {}
+    with _typhon(config, model, seen) as typhon:
+        first = typhon.submit("notes", "How many GPUs does the 70B node have?").wait(60)
+        cached = typhon.submit("notes", "How many GPUs does the 70B node have?").wait(60)
+        fresh = typhon.submit("notes", "How many GPUs does the 70B node have?", no_cache=True).wait(
+            60
+        )
+        other = typhon.submit("notes", "Write a haiku about autumn rain").wait(60)
+        memory = typhon.runtime.memory
+        assert memory is not None and memory.cache is not None
+        stats = memory.cache.stats()
+    assert (first.output, cached.output) == ("first answer", "first answer")
+    assert fresh.output == "second answer"  # --no-cache: the model was asked
+    assert other.output == "third answer"  # not similar enough: a miss
+    assert len(model.calls) == 3
+    assert stats["local"]["hits"] == 1 and stats["local"]["misses"] == 2
+
+
+def test_memory_cli(tmp_path: Path) -> None:
+    env = {**os.environ, "TYPHON_HOME": str(tmp_path / "h")}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([TYPHON, *args], capture_output=True, text=True, env=env)
+
+    added = cli("memory", "add", "The 70B model runs on a 5090 and a 4090", "--tag", "hw", "--json")
+    assert added.returncode == 0, added.stderr
+    rec = json.loads(added.stdout)
+    cli("memory", "add", "Sourdough needs a fed starter")
+    found = cli("memory", "search", "which GPUs run the large model", "--json", "-k", "1")
+    assert [h["id"] for h in json.loads(found.stdout)] == [rec["id"]]
+    empty = cli("memory", "search", " ")
+    assert empty.returncode == 2 and "query is empty" in empty.stderr
+    big = cli("memory", "add", "x" * 30_000)
+    assert big.returncode == 2 and "over the limit" in big.stderr and "Traceback" not in big.stderr
+    assert cli("memory", "forget", rec["id"]).returncode == 0
+    gone = cli("memory", "forget", rec["id"])
+    assert gone.returncode == 2 and "no memory" in gone.stderr
+    stats = json.loads(cli("memory", "stats", "--json").stdout)
+    assert (stats["semantic"], stats["episodic"]) == (1, 0)
