@@ -507,6 +507,31 @@ def memory_forget(record_id: Annotated[str, typer.Argument(help="The memory's id
     typer.echo(f"forgot {record_id}")
 
 
+@memory_app.command("compact")
+def memory_compact(
+    days: Annotated[
+        float | None, typer.Option(help="Episodes older than this (default: the configuration).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fold old episodes into summaries and drop expired cache entries (also daily on beat)."""
+    from typhon.memory._retention import maintain
+
+    with _typhon() as typhon:
+        memory = typhon.runtime.memory
+        if memory is None:
+            _fail("memory is off for this configuration (see the log with -v)", 1)
+        report = maintain(
+            memory, compact_after_days=days or typhon.config.memory.compact_after_days
+        )
+    typer.echo(
+        json.dumps(report)
+        if as_json
+        else f"{report['episodes_compacted']} episodes compacted,"
+        f" {report['cache_entries_expired']} cache entries expired"
+    )
+
+
 @memory_app.command("stats")
 def memory_stats(as_json: JsonOpt = False) -> None:
     """Records per tier, model performance, semantic-cache hits and misses."""

@@ -33,6 +33,7 @@ __all__ = [
 
 TASK_NAME = "typhon.execute_run"
 REAP_TASK = "typhon.reap"
+MEMORY_TASK = "typhon.memory_maintenance"
 _CONNECT_TIMEOUT_S = 3.0
 
 # One runtime per worker process (prefork child), built on its first task.
@@ -82,13 +83,28 @@ def create_app(config: TyphonConfig) -> Celery:
                 "task": REAP_TASK,
                 "schedule": interval,
                 "options": {"queue": control_queue(config), "expires": interval},
-            }
+            },
+            "typhon-memory-maintenance": {
+                "task": MEMORY_TASK,
+                "schedule": 24 * 3600.0,
+                "options": {"queue": control_queue(config), "expires": 3600.0},
+            },
         },
     )
 
     @app.task(name=TASK_NAME, ignore_result=True)  # type: ignore[untyped-decorator]
     def run_task(run_id: str, pool: str | None = None) -> str:
         return execute_run(_process_runtime(), run_id, pool).value
+
+    @app.task(name=MEMORY_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    def memory_task() -> dict[str, int] | None:
+        from typhon.memory._retention import maintain
+
+        runtime = _process_runtime()
+        memory = runtime.memory
+        if memory is None:
+            return None
+        return maintain(memory, compact_after_days=runtime.config.memory.compact_after_days)
 
     @app.task(name=REAP_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
     def reap_task() -> dict[str, list[str]]:

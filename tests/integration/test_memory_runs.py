@@ -100,3 +100,35 @@ def test_memory_cli(tmp_path: Path) -> None:
     assert gone.returncode == 2 and "no memory" in gone.stderr
     stats = json.loads(cli("memory", "stats", "--json").stdout)
     assert (stats["semantic"], stats["episodic"]) == (1, 0)
+
+
+def test_maintenance_compacts_old_episodes_into_a_summary(home: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from typhon.memory import open_memory
+    from typhon.memory._retention import maintain
+    from typhon.store import RunStore
+
+    config = TyphonConfig(home=home)
+    store = RunStore(config.effective_database_url)
+    memory = open_memory(config, store)
+    try:
+        old = datetime.now(UTC) - timedelta(days=45)
+        add = memory.backend.episodic.add
+        for i, status in enumerate(["succeeded", "succeeded", "failed"]):
+            add(  # type: ignore[call-arg]
+                f"research run {status}: topic {i}", crew="research", kind="run",
+                meta={"status": status}, created_at=old + timedelta(hours=i),
+            )  # fmt: skip
+        add("research run succeeded: fresh topic", crew="research", kind="run")
+        report = maintain(memory, compact_after_days=30)
+        assert report == {"episodes_compacted": 3, "cache_entries_expired": 0}
+        [summary] = memory.backend.episodic.list(kind="summary")
+        assert summary.text.startswith("Summary of 3 earlier research episodes")
+        assert "2 succeeded, 1 failed" in summary.text and "topic 2" in summary.text
+        assert memory.backend.episodic.count() == 2
+        hits = memory.backend.episodic.search("topic 1", k=1)
+        assert hits[0].kind == "summary"  # what was folded is still found through its summary
+    finally:
+        memory.close()
+        store.close()
