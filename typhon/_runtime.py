@@ -133,9 +133,10 @@ class Runtime:
 
     def close(self) -> None:
         self.heartbeats.close()
-        if self._memory is not None:
-            self._memory.close()
-            self._memory, self._memory_state = None, "closed"
+        with self._memory_lock:
+            memory, self._memory, self._memory_state = self._memory, None, "off"
+        if memory is not None:  # a run still finishing on another thread reopens nothing
+            memory.close()
         self.models.close()
         self.store.close()
         self.notifier.close()
@@ -350,7 +351,7 @@ def _forget_working(runtime: Runtime, run_id: str) -> None:
         return
     try:
         memory.backend.working.clear(run_id)
-    except TyphonError as exc:
+    except Exception as exc:  # memory is an aid: it never fails a run
         log.warning("could not clear working memory", error=str(exc))
 
 
@@ -388,7 +389,7 @@ def _remember_outcome(runtime: Runtime, run_id: str) -> None:
                 alias, record.category, runs=int(first),
                 runs_ok=int(first and record.status is RunStatus.SUCCEEDED), **calls,
             )  # fmt: skip
-    except TyphonError as exc:
+    except Exception as exc:  # memory is an aid: it never fails a run
         log.warning("could not record the run in memory", error=str(exc))
 
 

@@ -52,10 +52,14 @@ class RunContext:
         if self.memory is None:
             return []
         cfg = self.config.memory
-        return self.memory.recall(
-            query or self.input, crew=self.crew, k=cfg.recall_k,
-            token_budget=cfg.recall_token_budget,
-        )  # fmt: skip
+        try:
+            return self.memory.recall(
+                query or self.input, crew=self.crew, k=cfg.recall_k,
+                token_budget=cfg.recall_token_budget,
+            )  # fmt: skip
+        except Exception as exc:  # memory is an aid: a run goes on without it
+            self.log.warning("memory recall failed; going on without it", error=str(exc))
+            return []
 
     def remember(self, key: str, value: Any) -> None:
         """Working memory: keep ``value`` under ``key`` for the rest of this run."""

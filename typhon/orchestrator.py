@@ -71,13 +71,19 @@ class InProcessDispatcher:
                     self._threads.append(thread)
         work.put((run.id, run.pool))
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the runner threads: each finishes its current run first (a cancelled run stops
+        at its next step), waited for up to ``timeout`` seconds in all."""
         with self._lock:
             for work in self._queues.values():
                 for _ in range(len(self._threads)):
                     work.put(None)
+            threads, self._threads = list(self._threads), []
             self._queues.clear()
-            self._threads.clear()
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
 
 class CeleryDispatcher:
