@@ -71,3 +71,46 @@ def test_entries_expire(store: RunStore, tmp_path: Path) -> None:
         assert short.stats()["_all"]["entries"] == 0
     finally:
         vectors.close()
+
+
+def test_look_alike_requests_are_not_served(cache: SemanticCache) -> None:
+    cache.put("fast", "v1", "Convert 100 degrees Fahrenheit to Celsius.", "37.8 C")
+    cache.put("fast", "v1", "Write a Python function that sorts a list in ascending order.", "a")
+    cache.put("fast", "v1", "Give me 5 ideas for a birthday party.", "five")
+    assert cache.lookup("fast", "v1", "Convert 100 degrees Celsius to Fahrenheit.") is None
+    assert (
+        cache.lookup("fast", "v1", "Write a Python function that sorts a list in descending order.")
+        is None
+    )
+    assert cache.lookup("fast", "v1", "Give me 50 ideas for a birthday party.") is None
+    hit = cache.lookup("fast", "v1", "Convert 100 degrees Fahrenheit to Celsius")
+    assert hit is not None and hit.response == "37.8 C"
+
+
+def test_the_context_before_the_question_must_match(cache: SemanticCache) -> None:
+    from typhon.memory._cache import context_hash, request_text
+
+    system = {"role": "system", "content": "You are a terse assistant. " * 60}
+    first = [system, {"role": "user", "content": "What is the capital of France?"}]
+    other = [system, {"role": "user", "content": "Write a haiku about autumn rain."}]
+    assert request_text(first) == "What is the capital of France?"
+    cache.put("fast", "v1", request_text(first), "Paris.", context_hash(first))
+    # a long shared system prompt no longer makes every request look the same
+    assert cache.lookup("fast", "v1", request_text(other), context_hash(other)) is None
+    hit = cache.lookup("fast", "v1", request_text(first), context_hash(first))
+    assert hit is not None
+    chatty = [{"role": "system", "content": "Be chatty."}, first[1]]
+    assert cache.lookup("fast", "v1", request_text(chatty), context_hash(chatty)) is None
+
+
+def test_the_number_of_entries_is_bounded(store: RunStore, tmp_path: Path) -> None:
+    vectors = _Vectors(path=tmp_path / "q", url=None, backend="test")
+    small = SemanticCache(store, default_embedder(), vectors, MemoryCacheSettings(max_entries=2))
+    try:
+        for text in ("What is 2 plus 2?", "Name a red fruit.", "Who wrote Hamlet?"):
+            small.put("fast", "v1", text, "answer")
+        assert small.stats()["_all"]["entries"] == 2
+        assert small.lookup("fast", "v1", "What is 2 plus 2?") is None  # the oldest went first
+        assert small.lookup("fast", "v1", "Who wrote Hamlet?") is not None
+    finally:
+        vectors.close()

@@ -272,12 +272,12 @@ class _Searchable:
     def _rows(self, ids: Sequence[str]) -> dict[str, MemoryRecord]:
         if not ids:
             return {}
-        query = sa.select(memory_records).where(
-            memory_records.c.id.in_(list(ids)), memory_records.c.tier == self.tier
-        )
+        # by primary key alone: with a tier term SQLite would scan the tier's index instead
+        query = sa.select(memory_records).where(memory_records.c.id.in_(list(ids)))
         self.backend.store.migrate_once()
         with self.backend.store.engine.connect() as conn:
-            return {r["id"]: _record(r) for r in conn.execute(query).mappings()}
+            rows = [_record(r) for r in conn.execute(query).mappings()]
+        return {r.id: r for r in rows if r.tier == self.tier}
 
     def _filter(
         self,

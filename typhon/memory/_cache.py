@@ -10,6 +10,7 @@ per alias in the database.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -26,7 +27,16 @@ from typhon.memory._embed import Embedder
 from typhon.models._client import ChatResult, ChatStream, Message, ModelClient
 from typhon.store import RunStore, metadata
 
-__all__ = ["CacheHit", "CachingClient", "SemanticCache", "request_text"]
+__all__ = [
+    "CacheHit",
+    "CachingClient",
+    "SemanticCache",
+    "compatible",
+    "context_hash",
+    "request_text",
+]
+
+_MAX_REQUEST_CHARS = 1000  # about the 256 tokens MiniLM reads
 
 cache_entries = sa.Table(
     "memory_cache",
@@ -51,8 +61,74 @@ cache_counts = sa.Table(
 
 
 def request_text(messages: Sequence[Message]) -> str:
-    """What the cache compares: the request's messages, role by role."""
-    return "\n".join(f"{m.get('role', 'user')}: {m.get('content') or ''}" for m in messages)
+    """What the cache compares by meaning: the last user message."""
+    for message in reversed(messages):
+        if message.get("role", "user") == "user":
+            return str(message.get("content") or "")
+    return ""
+
+
+def context_hash(messages: Sequence[Message]) -> str:
+    """Everything before the last user message (system prompt, earlier turns), hashed: a hit
+    needs exactly the same context, so a long shared system prompt cannot make every request
+    look alike."""
+    last = max((i for i, m in enumerate(messages) if m.get("role", "user") == "user"), default=-1)
+    before = [(m.get("role"), m.get("content")) for m in messages[:last]]
+    return hashlib.sha256(repr(before).encode()).hexdigest()[:32]
+
+
+# A paraphrase keeps its numbers, its negations and its direction; look-alike requests that
+# differ in them ("Celsius to Fahrenheit" / "Fahrenheit to Celsius", "ascending" / "descending",
+# 5 / 50) embed very close together, so they must also agree on these before a hit is served.
+def _words(text: str) -> frozenset[str]:
+    return frozenset(re.findall(r"\S+", text))
+
+
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+_WORD = re.compile(r"[a-z][a-z'-]*")
+_CONTRAST = _words(
+    """not no never without nothing none nor cannot dont don't doesnt doesn't isnt isn't
+    cant can't wont won't shouldnt shouldn't stop start starting stopping increase decrease
+    ascending descending first last pros cons advantages disadvantages benefits drawbacks good
+    bad better worse shorter longer read reads reading write writes writing today tomorrow
+    yesterday more less fewer before after min max minimum maximum enable disable add remove
+    open close encrypt decrypt upload download import export buy sell higher lower larger
+    smaller bigger faster slower hot cold previous next monday tuesday wednesday thursday
+    friday saturday sunday english german french spanish italian portuguese dutch russian
+    chinese japanese korean arabic hindi polish swedish greek turkish"""
+)
+# "to" orders a request ("X to Y") but is too common to have to match; the others must.
+_DIRECTION = _words("into from than vs versus")
+_ORDERING = _DIRECTION | {"to"}
+_STOP = _words(
+    """a an the this that these those my your our its of in on at for with by and or is are was
+    were be do does did how what which who whom why when where can could would should will i me
+    you it please give tell show"""
+)
+
+
+def _signature(text: str) -> tuple[list[str], list[str], list[str]]:
+    low = text.lower()
+    words = _WORD.findall(low)
+    return (
+        sorted(_NUMBER.findall(low)),
+        sorted({w for w in words if w in _CONTRAST}),
+        sorted({w for w in words if w in _DIRECTION}),
+    )
+
+
+def compatible(a: str, b: str) -> bool:
+    """Whether two similar requests may share an answer: the same numbers, negations and
+    direction words, and the words they share in the same order when a direction is given."""
+    if _signature(a) != _signature(b):
+        return False
+    wa, wb = _WORD.findall(a.lower()), _WORD.findall(b.lower())
+    if not (_ORDERING & set(wa) and _ORDERING & set(wb)):
+        return True
+    shared = (set(wa) & set(wb)) - _STOP - _ORDERING
+    order_a = list(dict.fromkeys(w for w in wa if w in shared))
+    order_b = list(dict.fromkeys(w for w in wb if w in shared))
+    return order_a == order_b
 
 
 @dataclass(frozen=True)
@@ -91,43 +167,67 @@ class SemanticCache:
             self.vectors.ensure(self._name, self.embedder.dim)
             self._ready = True
 
-    def _filter(self, alias: str, prompt_version: str, now: float) -> Any:
+    def _filter(self, alias: str, prompt_version: str, context: str, now: float) -> Any:
         from qdrant_client import models
+
+        def same(key: str, value: str) -> Any:
+            return models.FieldCondition(key=key, match=models.MatchValue(value=value))
 
         return models.Filter(
             must=[
-                models.FieldCondition(key="alias", match=models.MatchValue(value=alias)),
-                models.FieldCondition(
-                    key="prompt_version", match=models.MatchValue(value=prompt_version)
-                ),
+                same("alias", alias),
+                same("prompt_version", prompt_version),
+                same("context", context),
                 models.FieldCondition(key="expires_at", range=models.Range(gt=now)),
             ]
         )
 
-    def lookup(self, alias: str, prompt_version: str, request: str) -> CacheHit | None:
-        """The best earlier answer at or above the threshold, or None (counted either way)."""
+    def cacheable(self, request: str) -> bool:
+        """Requests longer than the embedding model reads are not cached: their ends would be
+        cut off and compared blind."""
+        return bool(request.strip()) and len(request) <= _MAX_REQUEST_CHARS
+
+    def lookup(
+        self, alias: str, prompt_version: str, request: str, context: str = ""
+    ) -> CacheHit | None:
+        """The best earlier answer at or above the threshold whose request is compatible
+        (same numbers, negations and direction), or None; counted either way."""
         self._prepare()
-        [vector] = self.embedder.embed([request])
-        found = self.vectors.client.query_points(
-            self._name,
-            query=vector,
-            limit=1,
-            query_filter=self._filter(alias, prompt_version, time.time()),
-            score_threshold=self.settings.threshold,
-        ).points
         hit: CacheHit | None = None
-        if found:
-            query = sa.select(cache_entries).where(cache_entries.c.id == str(found[0].id))
-            with self.store.engine.connect() as conn:
-                row = conn.execute(query).mappings().first()
-            if row is not None and row["expires_at"] > time.time():
-                hit = CacheHit(row["id"], row["response"], float(found[0].score), row["request"])
+        if self.cacheable(request):
+            [vector] = self.embedder.embed([request])
+            found = self.vectors.client.query_points(
+                self._name,
+                query=vector,
+                limit=5,
+                query_filter=self._filter(alias, prompt_version, context, time.time()),
+                score_threshold=self.settings.threshold,
+            ).points
+            if found:
+                ids = [str(p.id) for p in found]
+                query = sa.select(cache_entries).where(cache_entries.c.id.in_(ids))
+                with self.store.engine.connect() as conn:
+                    rows = {r["id"]: r for r in conn.execute(query).mappings()}
+                for point in found:
+                    row = rows.get(str(point.id))
+                    if row is None or row["expires_at"] <= time.time():
+                        continue
+                    if compatible(request, row["request"]):
+                        hit = CacheHit(
+                            row["id"], row["response"], float(point.score), row["request"]
+                        )
+                        break
         self._count(alias, hit is not None, hit.id if hit else None)
         return hit
 
-    def put(self, alias: str, prompt_version: str, request: str, response: str) -> str:
+    def put(
+        self, alias: str, prompt_version: str, request: str, response: str, context: str = ""
+    ) -> str | None:
+        """Keep an answer; None when the request is not cacheable."""
         from qdrant_client import models
 
+        if not self.cacheable(request):
+            return None
         self._prepare()
         [vector] = self.embedder.embed([request])
         entry_id = str(uuid.uuid4())
@@ -148,13 +248,43 @@ class SemanticCache:
                         payload={
                             "alias": alias,
                             "prompt_version": prompt_version,
+                            "context": context,
                             "expires_at": expires,
                         },
                     )
                 ],
                 wait=True,
             )
+        self._trim()
         return entry_id
+
+    def _trim(self) -> None:
+        """Keep at most ``max_entries``: the oldest go first."""
+        with self.store.engine.connect() as conn:
+            count = int(
+                conn.execute(sa.select(sa.func.count()).select_from(cache_entries)).scalar_one()
+            )
+            over = count - self.settings.max_entries
+            if over <= 0:
+                return
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    sa.select(cache_entries.c.id)
+                    .order_by(cache_entries.c.created_at, cache_entries.c.id)
+                    .limit(over)
+                )
+            ]
+        self._delete(ids)
+
+    def _delete(self, ids: list[str]) -> None:
+        from qdrant_client import models
+
+        with self.store.engine.begin() as conn:
+            conn.execute(cache_entries.delete().where(cache_entries.c.id.in_(ids)))
+        self.vectors.client.delete(
+            self._name, points_selector=models.PointIdsList(points=list(ids)), wait=True
+        )
 
     def retire(self, prompt_version: str) -> int:
         """Delete every entry of a retired prompt version."""
@@ -274,10 +404,10 @@ class CachingClient:
         tools: list[dict[str, Any]] | None = None,
         stop: list[str] | None = None,
     ) -> ChatResult:
-        cacheable = not tools
-        request = request_text(messages)
+        request, context = request_text(messages), context_hash(messages)
+        cacheable = not tools and self.cache.cacheable(request)
         if cacheable:
-            hit = self.cache.lookup(self.alias, self.prompt_version, request)
+            hit = self.cache.lookup(self.alias, self.prompt_version, request, context)
             if hit is not None:
                 return ChatResult(
                     hit.response, Usage(), "cache", "stop", alias=self.alias, url="cache"
@@ -291,7 +421,7 @@ class CachingClient:
             stop=stop,
         )
         if cacheable and result.content and not result.tool_calls:
-            self.cache.put(self.alias, self.prompt_version, request, result.content)
+            self.cache.put(self.alias, self.prompt_version, request, result.content, context)
         return result
 
     def stream(
@@ -301,8 +431,12 @@ class CachingClient:
         max_tokens: int | None = None,
         temperature: float | None = None,
     ) -> ChatStream:
-        request = request_text(messages)
-        hit = self.cache.lookup(self.alias, self.prompt_version, request)
+        request, context = request_text(messages), context_hash(messages)
+        hit = (
+            self.cache.lookup(self.alias, self.prompt_version, request, context)
+            if self.cache.cacheable(request)
+            else None
+        )
         if hit is not None:
             text = hit.response
 
@@ -321,7 +455,9 @@ class CachingClient:
         def finish() -> ChatResult:
             assert inner.result is not None
             if inner.result.content:
-                self.cache.put(self.alias, self.prompt_version, request, inner.result.content)
+                self.cache.put(
+                    self.alias, self.prompt_version, request, inner.result.content, context
+                )
             return inner.result
 
         return ChatStream(chunks(), finish)
