@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import re
 import socket
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from support.letta import (  # noqa: F401  (fixtures)
-    EmbeddingEndpoint,
-    LettaFactory,
-    letta_embeddings,
-    letta_factory,
-    letta_memory,
-)
+from support.letta import EmbeddingEndpoint, LettaFactory, embeddings_endpoint, letta_url
 
 from typhon.memory._letta import LettaBackend
 from typhon.memory._types import MemoryBackend, MemoryBackendError, MemoryInputError, MemoryRecord
@@ -27,6 +22,24 @@ FACTS = [
     ("The user prefers short answers with bullet points.", ("preference",)),
     ("Sourdough needs a starter fed the day before baking.", ("cooking",)),
 ]
+
+
+@pytest.fixture(scope="module")
+def letta_embeddings() -> Iterator[EmbeddingEndpoint]:
+    with embeddings_endpoint() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def letta_factory(letta_embeddings: EmbeddingEndpoint) -> Iterator[LettaFactory]:
+    with LettaFactory(letta_url(), letta_embeddings) as factory:
+        yield factory
+
+
+@pytest.fixture
+def letta_memory(letta_factory: LettaFactory) -> LettaBackend:
+    """A backend in a namespace of this test's own, deleted after it."""
+    return letta_factory.backend()
 
 
 def _free_port() -> int:
@@ -277,8 +290,9 @@ def test_an_archive_made_for_other_embeddings_is_refused(letta_factory: LettaFac
         other.semantic.count()
 
 
-def test_a_dead_embeddings_endpoint_is_a_backend_error(letta_factory: LettaFactory) -> None:
-    memory = letta_factory.backend(embedding_endpoint=f"http://127.0.0.1:{_free_port()}/v1")
+def test_a_failing_embeddings_endpoint_is_a_backend_error(letta_factory: LettaFactory) -> None:
+    # an endpoint that answers 404 at once (a dead one fails the same way, after Letta's retries)
+    memory = letta_factory.backend(embedding_endpoint=f"{letta_factory.url}/no-such-embeddings/v1")
     with pytest.raises(MemoryBackendError, match=r"^episodic memory .*Letta answered 500") as info:
         memory.episodic.add("cannot be embedded")
     assert "\n" not in str(info.value)

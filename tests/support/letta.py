@@ -1,14 +1,24 @@
-"""The real Letta server for tests: a :class:`LettaBackend` against ``$TYPHON_TEST_LETTA_URL``.
+"""The real Letta server for tests: :class:`LettaBackend` objects against
+``$TYPHON_TEST_LETTA_URL``.
 
 scripts/test starts the server (``scripts/letta start``) and exports the URL; a test that needs it
 fails, never skips, when the URL is missing or nothing answers there. Letta embeds passages and
-queries by calling an OpenAI-compatible endpoint: the session gets one, Typhon's own
-:class:`~typhon.memory._embed_server.EmbeddingServer` over the bundled MiniLM, on loopback.
+queries by calling an OpenAI-compatible endpoint: :func:`embeddings_endpoint` serves one, Typhon's
+own :class:`~typhon.memory._embed_server.EmbeddingServer` over the bundled MiniLM, on loopback.
 
-Each test gets its own namespace (``t<hex>``): its archives and blocks are its own, and are
-deleted after it. Use the fixtures by importing them into a test module::
+:class:`LettaFactory` makes backends each in a namespace of its own (``t<hex>``: its own archives
+and blocks) and deletes what they made at :meth:`LettaFactory.cleanup`. A test module wires them
+as fixtures::
 
-    from support.letta import letta_embeddings, letta_memory, letta_factory  # noqa: F401
+    @pytest.fixture(scope="module")
+    def letta_embeddings() -> Iterator[EmbeddingEndpoint]:
+        with embeddings_endpoint() as endpoint:
+            yield endpoint
+
+    @pytest.fixture
+    def letta_factory(letta_embeddings: EmbeddingEndpoint) -> Iterator[LettaFactory]:
+        with LettaFactory(letta_url(), letta_embeddings) as factory:
+            yield factory
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,14 +35,7 @@ import pytest
 
 from typhon.memory._letta import LettaBackend
 
-__all__ = [
-    "EmbeddingEndpoint",
-    "LettaFactory",
-    "letta_embeddings",
-    "letta_factory",
-    "letta_memory",
-    "letta_url",
-]
+__all__ = ["EmbeddingEndpoint", "LettaFactory", "embeddings_endpoint", "letta_url"]
 
 URL_VAR = "TYPHON_TEST_LETTA_URL"
 
@@ -60,6 +64,17 @@ class EmbeddingEndpoint:
     url: str
     model: str
     dim: int
+
+
+@contextmanager
+def embeddings_endpoint() -> Iterator[EmbeddingEndpoint]:
+    """Typhon's embeddings server over MiniLM on loopback, for Letta to call."""
+    from typhon.memory._embed import MiniLMEmbedder
+    from typhon.memory._embed_server import EmbeddingServer
+
+    embedder = MiniLMEmbedder()
+    with EmbeddingServer(embedder) as server:
+        yield EmbeddingEndpoint(server.url, embedder.model, embedder.dim)
 
 
 class LettaFactory:
@@ -104,32 +119,8 @@ class LettaFactory:
                     if (block.label or "").startswith(f"{ns}-"):
                         client.blocks.delete(block.id)
 
+    def __enter__(self) -> LettaFactory:
+        return self
 
-@pytest.fixture(scope="session")
-def letta_embeddings() -> Iterator[EmbeddingEndpoint]:
-    """Typhon's embeddings server over MiniLM, for Letta to call, for the whole session."""
-    from typhon.memory._embed import MiniLMEmbedder
-    from typhon.memory._embed_server import EmbeddingServer
-
-    embedder = MiniLMEmbedder()
-    server = EmbeddingServer(embedder)
-    url = server.start()
-    try:
-        yield EmbeddingEndpoint(url, embedder.model, embedder.dim)
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def letta_factory(letta_embeddings: EmbeddingEndpoint) -> Iterator[LettaFactory]:
-    factory = LettaFactory(letta_url(), letta_embeddings)
-    try:
-        yield factory
-    finally:
-        factory.cleanup()
-
-
-@pytest.fixture
-def letta_memory(letta_factory: LettaFactory) -> LettaBackend:
-    """A ready :class:`LettaBackend` in a namespace of this test's own."""
-    return letta_factory.backend()
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()

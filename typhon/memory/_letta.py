@@ -146,6 +146,8 @@ class LettaBackend:
         self.timeout = timeout
         # One retry: a keep-alive connection the server dropped; more would only slow errors.
         self.client: Letta = Letta(base_url=self.url, api_key=token, timeout=timeout, max_retries=1)
+        # Creations are not retried: a retry after a lost answer could write twice.
+        self.client_once: Letta = self.client.with_options(max_retries=0)
         self._http = httpx.Client(timeout=timeout)
         self._lock = threading.Lock()
         self._archives: dict[str, str] = {}
@@ -222,7 +224,7 @@ class LettaBackend:
     def create_block(self, tier: str, label: str, value: str, limit: int | None) -> BlockResponse:
         extra: dict[str, Any] = {} if limit is None else {"limit": limit}
         with self.calling(tier, f"creating block {label}"):
-            block = self.client.blocks.create(
+            block = self.client_once.blocks.create(
                 label=label, value=value, description=f"Typhon {tier} memory", **extra
             )
         self._blocks[label] = block.id
@@ -296,7 +298,7 @@ class LettaBackend:
                     )
             else:
                 with self.calling(tier, f"creating archive {name}"):
-                    archive = self.client.archives.create(
+                    archive = self.client_once.archives.create(
                         name=name,
                         description=f"Typhon {tier} memory",
                         embedding_config=self.embedding_config(),  # type: ignore[arg-type]
@@ -420,7 +422,7 @@ class _Searchable:
         if created_at is not None:
             extra["created_at"] = _utc(created_at).isoformat()
         with self.backend.calling(self.tier, "adding a passage"):
-            passage = self.backend.client.archives.passages.create(
+            passage = self.backend.client_once.archives.passages.create(
                 archive, text=text, tags=tag_list, metadata={"typhon": ours}, **extra
             )
         return self._record(passage)
