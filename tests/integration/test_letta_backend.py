@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from support.letta import EmbeddingEndpoint, LettaFactory, embeddings_endpoint, letta_url
@@ -185,7 +186,7 @@ def test_scans_page_past_letta_s_hundred(letta_memory: LettaBackend) -> None:
 
 def test_compaction_keeps_a_summary(letta_memory: LettaBackend) -> None:
     memory = letta_memory
-    add = memory.episodic.add  # type: ignore[attr-defined]
+    add: Any = memory.episodic.add  # takes created_at, as the built-in backend's does
     old = datetime.now(UTC) - timedelta(days=40)
     olds = [
         add(f"old run {i} succeeded", crew="research", kind="run", created_at=old + timedelta(i))
@@ -264,7 +265,7 @@ def test_unreachable_letta_names_tier_and_backend(letta_embeddings: EmbeddingEnd
         embedding_dim=letta_embeddings.dim,
         timeout=5,
     )
-    calls = {
+    calls: dict[str, Callable[[], object]] = {
         "working": lambda: backend.working.put("r1", "k", 1),
         "episodic": lambda: backend.episodic.add("something happened"),
         "semantic": lambda: backend.semantic.search("anything"),
