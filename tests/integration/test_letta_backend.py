@@ -298,3 +298,14 @@ def test_a_failing_embeddings_endpoint_is_a_backend_error(letta_factory: LettaFa
         memory.episodic.add("cannot be embedded")
     assert "\n" not in str(info.value)
     assert memory.episodic.count() == 0
+
+
+def test_a_wrong_dimension_is_a_backend_error(letta_factory: LettaFactory) -> None:
+    memory = letta_factory.backend(embedding_dim=100)  # MiniLM gives 384
+    with pytest.raises(MemoryBackendError, match=r"^semantic memory .*longer than 100 dimensions"):
+        memory.semantic.add("a fact")
+    assert memory.semantic.count() == 0  # not kept
+    with pytest.raises(
+        MemoryBackendError, match=r"^semantic memory .*384 dimensions, expected 100"
+    ):
+        memory.semantic.search("fact")

@@ -26,7 +26,7 @@ What Letta 0.16's REST API offers shapes the rest:
 - There is no listing of an archive's passages nor a lookup by id without an agent: ``get``,
   ``list``, ``count`` and ``compact`` read the whole archive through that search without a
   query (oldest first, 100 a page, paged by ``created_at``). Each passage comes with its
-  embedding, so a scan costs about 40 KB a record: fine for thousands of records, not millions.
+  embedding, so a scan costs about 20 KB a record: fine for thousands of records, not millions.
 - An archive's embedding config cannot be changed: an archive made for another model, dimension
   or endpoint is refused with :class:`MemoryBackendError` rather than mixing vector spaces or
   embedding through an endpoint that may be gone; use another ``namespace``.
@@ -317,8 +317,16 @@ class LettaBackend:
             raise self.error(tier, f"the embeddings endpoint {url} failed: {exc}") from None
         if isinstance(raw, str):
             data = base64.b64decode(raw)
-            return list(struct.unpack(f"<{len(data) // 4}f", data))
-        return [float(x) for x in raw]
+            vector = list(struct.unpack(f"<{len(data) // 4}f", data))
+        else:
+            vector = [float(x) for x in raw]
+        if len(vector) != self.embedding_dim:
+            raise self.error(
+                tier,
+                f"the embeddings endpoint {url} returned {len(vector)} dimensions, expected"
+                f" {self.embedding_dim}",
+            )
+        return vector
 
 
 class _Searchable:
@@ -424,6 +432,14 @@ class _Searchable:
         with self.backend.calling(self.tier, "adding a passage"):
             passage = self.backend.client_once.archives.passages.create(
                 archive, text=text, tags=tag_list, metadata={"typhon": ours}, **extra
+            )
+        dim = self.backend.embedding_dim
+        if any(x != 0.0 for x in (passage.embedding or [])[dim:]):
+            # Letta pads every vector to 4096 without checking: a longer one is another model's
+            self.forget(str(passage.id))
+            raise self._error(
+                f"the embeddings endpoint gives vectors longer than {dim} dimensions"
+                f" ({self.backend.embedding_model}?); the passage was not kept"
             )
         return self._record(passage)
 
