@@ -154,7 +154,12 @@ def run(
         except KeyboardInterrupt:
             handle.cancel()
             typer.echo(f"cancelled run {handle.run_id}", err=True)
-            raise typer.Exit(130) from None
+            typhon.close()  # the run is recorded cancelled and every server stopped
+            # Leave at once: the crew's own worker threads may still be inside native code
+            # (CrewAI's executor, onnxruntime) that must not meet interpreter finalization.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
     _print_record(record, as_json)
     if record.status.value != "succeeded":
         raise typer.Exit(1)
