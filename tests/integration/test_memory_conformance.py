@@ -1,6 +1,7 @@
 """One conformance suite for every memory backend: the same tests of the four tiers over the
-built-in backend on SQLite and on PostgreSQL (Qdrant in local mode, the real MiniLM embeddings).
-"""
+built-in backend on SQLite and on PostgreSQL (Qdrant in local mode) and over a real Letta server
+(scripts/letta), all with the real MiniLM embeddings. Tests of one backend's own mechanics (the
+vector index, re-embedding) take the run store directly."""
 
 from __future__ import annotations
 
@@ -18,8 +19,26 @@ from typhon.store import RunStore
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def memory(store: RunStore, tmp_path: Path) -> Iterator[MemoryBackend]:
+@pytest.fixture(params=["builtin-sqlite", "builtin-postgresql", "letta"])
+def memory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MemoryBackend]:
+    """The same tier tests over every backend: built-in on SQLite and on a real PostgreSQL
+    (Qdrant local files), and a real Letta server."""
+    if request.param == "letta":
+        from support.letta import LettaFactory, embeddings_endpoint, letta_url
+
+        with embeddings_endpoint() as endpoint, LettaFactory(letta_url(), endpoint) as factory:
+            yield factory.backend(
+                working_char_limit=100_000,
+                max_record_chars=2000,
+                max_records={"episodic": 50, "semantic": 50},
+            )
+        return
+    url = (
+        f"sqlite:///{tmp_path / 'typhon.db'}"
+        if request.param == "builtin-sqlite"
+        else request.getfixturevalue("pg_schema_url")
+    )
+    store = RunStore(url)
     backend = BuiltinBackend(
         store,
         default_embedder(),
@@ -29,6 +48,7 @@ def memory(store: RunStore, tmp_path: Path) -> Iterator[MemoryBackend]:
     )
     yield backend
     backend.close()
+    store.close()
 
 
 FACTS = [
@@ -85,7 +105,7 @@ def test_list_is_newest_first_with_filters(memory: MemoryBackend) -> None:
 
 
 def test_bad_input_names_tier_and_backend(memory: MemoryBackend) -> None:
-    with pytest.raises(MemoryInputError, match=r"semantic memory \(builtin.*query is empty"):
+    with pytest.raises(MemoryInputError, match=rf"semantic memory \({memory.name}.*query is empty"):
         memory.semantic.search("  ")
     with pytest.raises(MemoryInputError, match=r"episodic memory .*over the limit of 2000"):
         memory.episodic.add("x" * 2001)

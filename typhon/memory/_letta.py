@@ -129,6 +129,8 @@ class LettaBackend:
         timeout: float = 30,
         namespace: str = "typhon",
         working_char_limit: int | None = None,
+        max_record_chars: int = 20_000,
+        max_records: dict[str, int] | None = None,
     ):
         from letta_client import Letta
 
@@ -143,6 +145,8 @@ class LettaBackend:
         self.embedding_dim = embedding_dim
         self.namespace = namespace
         self.working_char_limit = working_char_limit
+        self.max_record_chars = max_record_chars
+        self.max_records = dict(max_records or {})
         self.timeout = timeout
         # One retry: a keep-alive connection the server dropped; more would only slow errors.
         self.client: Letta = Letta(base_url=self.url, api_key=token, timeout=timeout, max_retries=1)
@@ -417,6 +421,12 @@ class _Searchable:
     ) -> MemoryRecord:
         if not text.strip():
             self._input("nothing to remember: the text is empty")
+        limit = self.backend.max_record_chars
+        if len(text) > limit:
+            self._input(
+                f"a record of {len(text)} characters is over the limit of {limit}"
+                " (memory.max_record_chars); shorten or split it"
+            )
         if isinstance(tags, str) or not all(isinstance(t, str) for t in tags):
             self._input(f"tags must be a list of strings, not {tags!r}")
         tag_list = list(dict.fromkeys(tags))
@@ -441,7 +451,21 @@ class _Searchable:
                 f"the embeddings endpoint gives vectors longer than {dim} dimensions"
                 f" ({self.backend.embedding_model}?); the passage was not kept"
             )
+        self._enforce_budget()
         return self._record(passage)
+
+    def _enforce_budget(self) -> None:
+        """Past the tier's budget (``memory.max_records``) the oldest records go first."""
+        budget = self.backend.max_records.get(self.tier)
+        if budget is None:
+            return
+        passages = self._scan()
+        over = len(passages) - budget
+        if over <= 0:
+            return
+        passages.sort(key=lambda p: (_utc(p.created_at) if p.created_at else _now(), str(p.id)))
+        for passage in passages[:over]:
+            self.forget(str(passage.id))
 
     def forget(self, record_id: str) -> bool:
         import letta_client
