@@ -35,6 +35,8 @@ routing_app = typer.Typer(help="Versions of the routing rules.", no_args_is_help
 app.add_typer(routing_app, name="routing")
 memory_app = typer.Typer(help="Search, add and forget memories.", no_args_is_help=True)
 app.add_typer(memory_app, name="memory")
+embeddings_app = typer.Typer(help="The local embedding model.", no_args_is_help=True)
+app.add_typer(embeddings_app, name="embeddings")
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="typhon.yaml to use.", show_default=False)
@@ -510,6 +512,32 @@ def memory_forget(record_id: Annotated[str, typer.Argument(help="The memory's id
         if not any(getattr(memory.backend, t).forget(record_id) for t in ("semantic", "episodic")):
             _fail(f"no memory '{record_id}'; see typhon memory search", 2)
     typer.echo(f"forgot {record_id}")
+
+
+@embeddings_app.command("serve")
+def embeddings_serve(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 8701,
+    allow_remote: Annotated[
+        bool, typer.Option("--allow-remote", help="Allow a non-loopback bind.")
+    ] = False,
+) -> None:
+    """Serve the local MiniLM model as an OpenAI-compatible /v1/embeddings endpoint (for Letta)."""
+    import threading
+
+    from typhon.memory._embed import default_embedder
+    from typhon.memory._embed_server import EmbeddingServer
+
+    try:
+        server = EmbeddingServer(default_embedder(), host, port, allow_remote=allow_remote)
+        url = server.start()
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot serve embeddings on {host}:{port}: {exc}", 2)
+    typer.echo(f"serving {default_embedder().model} at {url} (Ctrl-C stops)")
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        server.stop()
 
 
 @memory_app.command("compact")

@@ -396,6 +396,11 @@ class MemoryConfig(_Strict):
     qdrant_url: str | None = None
     letta_url: str | None = None
     letta_token: str | None = None
+    # The OpenAI-compatible /v1 embeddings endpoint Letta's archives call (a fixed address the
+    # Letta server can reach): `typhon embeddings serve` for the local model, else the
+    # embeddings alias's own endpoint is used.
+    letta_embeddings_url: str | None = None
+    letta_namespace: str = Field(default="typhon", pattern=r"^[A-Za-z0-9_.-]+$")
     embeddings: str = "local"
     max_record_chars: int = Field(default=20_000, ge=100)
     max_records: dict[str, int] = Field(
@@ -406,7 +411,7 @@ class MemoryConfig(_Strict):
     recall_token_budget: int = Field(default=800, ge=0)
     cache: MemoryCacheSettings = Field(default_factory=MemoryCacheSettings)
 
-    @field_validator("qdrant_url", "letta_url")
+    @field_validator("qdrant_url", "letta_url", "letta_embeddings_url")
     @classmethod
     def _urls(cls, v: str | None) -> str | None:
         return _check_url(v, ("http", "https"))
@@ -415,6 +420,11 @@ class MemoryConfig(_Strict):
     def _letta_needs_url(self) -> MemoryConfig:
         if self.backend == "letta" and not self.letta_url:
             raise ValueError("memory.backend letta needs memory.letta_url (e.g. http://host:8283)")
+        if self.backend == "letta" and self.embeddings == "local" and not self.letta_embeddings_url:
+            raise ValueError(
+                "memory.backend letta with local embeddings needs memory.letta_embeddings_url:"
+                " run `typhon embeddings serve --host HOST --port 8701` and give its /v1 URL"
+            )
         return self
 
 

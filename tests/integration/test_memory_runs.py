@@ -24,6 +24,18 @@ pytestmark = pytest.mark.integration
 TYPHON = str(Path(sys.executable).parent / "typhon")
 
 
+def _eventually(check: Any, timeout: float = 30.0) -> Any:
+    """What ``check()`` returns once it is truthy: a run's memories are written just after its
+    outcome, which is what ``wait()`` returns on."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, "memory not written in time"
+        time.sleep(0.1)
+    return value
+
+
 def _typhon(config: TyphonConfig, model: ScriptedModel, seen: dict[str, Any]) -> Typhon:
     registry = CrewRegistry(builtins={})
 
@@ -46,11 +58,11 @@ def test_a_run_leaves_an_episode_and_model_performance(home: Path) -> None:
         assert memory is not None
         assert seen["working"] == {"step": 1}
         assert memory.backend.working.items(record.id) == {}  # gone with the run
-        [episode] = memory.backend.episodic.list(crew="notes")
+        [episode] = _eventually(lambda: memory.backend.episodic.list(crew="notes"))
         assert episode.run_id == record.id and episode.kind == "run"
         assert "succeeded" in episode.text and "Lisbon" in episode.text
         assert episode.meta["model"] == "local" and episode.meta["category"] == "simple"
-        [perf] = memory.backend.performance.stats("local")
+        [perf] = _eventually(lambda: memory.backend.performance.stats("local"))
         assert (perf["runs"], perf["runs_ok"], perf["category"]) == (1, 1, "simple")
 
         second = typhon.submit("notes", "Portugal's capital city?").wait(60)
@@ -132,3 +144,39 @@ def test_maintenance_compacts_old_episodes_into_a_summary(home: Path) -> None:
     finally:
         memory.close()
         store.close()
+
+
+def test_runs_remember_in_letta_when_configured(home: Path) -> None:
+    import uuid
+
+    from letta_client import Letta
+    from support.letta import embeddings_endpoint, letta_url
+
+    url = letta_url()
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    with embeddings_endpoint() as endpoint:
+        memory_settings = {
+            "backend": "letta", "letta_url": url, "letta_embeddings_url": endpoint.url,
+            "letta_namespace": namespace,
+        }  # fmt: skip
+        config = TyphonConfig.model_validate({"home": home, "memory": memory_settings})
+        seen: dict[str, Any] = {}
+        try:
+            with _typhon(config, ScriptedModel("Lisbon."), seen) as typhon:
+                record = typhon.submit("notes", "What is the capital of Portugal?").wait(60)
+                memory = typhon.runtime.memory
+                assert memory is not None and memory.backend.name == "letta"
+                assert seen["working"] == {"step": 1}  # a Letta block while the run lived
+                [episode] = _eventually(lambda: memory.backend.episodic.list(crew="notes"))
+                assert episode.run_id == record.id and "Lisbon" in episode.text
+                [perf] = _eventually(lambda: memory.backend.performance.stats("local"))
+                assert perf["runs_ok"] == 1
+                _eventually(lambda: memory.backend.working.items(record.id) == {})
+        finally:
+            with Letta(base_url=url, timeout=30) as client:
+                for tier in ("episodic", "semantic"):
+                    for archive in client.archives.list(name=f"{namespace}-{tier}").items:
+                        client.archives.delete(archive.id)
+                for block in client.blocks.list(label_search=f"{namespace}-", limit=1000).items:
+                    if (block.label or "").startswith(f"{namespace}-"):
+                        client.blocks.delete(block.id)

@@ -35,6 +35,7 @@ What Letta 0.16's REST API offers shapes the rest:
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import re
@@ -102,6 +103,9 @@ def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
     if na == 0.0 or nb == 0.0:
         return 0.0
     return max(0.0, min(1.0, dot / (na * nb)))
+
+
+_LABEL_MAX = 50  # Letta 0.16 refuses longer block labels
 
 
 class LettaBackend:
@@ -204,7 +208,13 @@ class LettaBackend:
 
     # -- blocks ----------------------------------------------------------------------------------
     def label(self, suffix: str) -> str:
-        return f"{self.namespace}-{suffix}"
+        """``<namespace>-<suffix>``; Letta caps labels at 50 characters, so a longer one keeps
+        its start and ends in a hash of the whole."""
+        label = f"{self.namespace}-{suffix}"
+        if len(label) <= _LABEL_MAX:
+            return label
+        digest = hashlib.sha256(label.encode()).hexdigest()[:16]
+        return f"{label[: _LABEL_MAX - 17]}_{digest}"
 
     def find_block(self, tier: str, label: str) -> BlockResponse | None:
         """The block labelled ``label`` (the oldest, if several were made at once), or None."""

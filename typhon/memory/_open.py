@@ -97,16 +97,35 @@ def open_memory(
     )
     backend: MemoryBackend = builtin
     if settings.backend == "letta":
-        backend = _letta(config, embedder, closers)
-        closers.append(builtin.close)
+        backend = _letta(config, embedder, models)
+        closers.append(builtin.close)  # the semantic cache stays on the built-in index
     cache = SemanticCache(store, embedder, builtin.vectors, settings.cache)
     return Memory(backend, embedder, cache if settings.cache.enabled else None, closers)
 
 
-def _letta(config: TyphonConfig, embedder: Embedder, closers: list[Any]) -> MemoryBackend:
-    from typhon.errors import ConfigError
+def _letta(config: TyphonConfig, embedder: Embedder, models: ModelRegistry | None) -> MemoryBackend:
+    """The Letta backend; its archives embed through an OpenAI-compatible endpoint Letta can
+    reach: ``memory.letta_embeddings_url``, else the embeddings alias's own endpoint."""
+    from typhon.config import OLLAMA_PROVIDERS
+    from typhon.memory._letta import LettaBackend
+    from typhon.models import endpoint_of
 
-    raise ConfigError(
-        "memory.backend 'letta' is not available in this version; use 'builtin'",
-        key="memory.backend",
+    settings = config.memory
+    assert settings.letta_url is not None  # checked by the configuration
+    endpoint = settings.letta_embeddings_url
+    model = embedder.model
+    if endpoint is None:  # an alias (a local model needs letta_embeddings_url: validated)
+        entry = config.model(settings.embeddings)
+        base = endpoint_of(entry)
+        endpoint = base + "/v1" if entry.litellm_params.provider in OLLAMA_PROVIDERS else base
+        model = entry.litellm_params.model_id
+    return LettaBackend(
+        settings.letta_url,
+        embedding_endpoint=endpoint,
+        embedding_model=model,
+        embedding_dim=embedder.dim,
+        token=settings.letta_token,
+        namespace=settings.letta_namespace,
+        max_record_chars=settings.max_record_chars,
+        max_records=settings.max_records,
     )
