@@ -41,13 +41,13 @@ def _broker(url: str) -> str:
     return url.split("@")[-1]
 
 
-def _model(entry: ModelEntry) -> str:
+def _model(config: TyphonConfig, entry: ModelEntry) -> str:
     from typhon.models import ModelRegistry, find_llama_server
 
     params = entry.litellm_params
     if params.provider == "local":
         return f"llama-server at {find_llama_server()} (started on first use)"
-    client = ModelRegistry(TyphonConfig()).replica_client(entry.model_name, entry)
+    client = ModelRegistry(config).replica_client(entry.model_name, entry)
     try:
         probe = client.probe(timeout=_TIMEOUT)
     finally:
@@ -80,7 +80,7 @@ def run_checks(config: TyphonConfig) -> list[Check]:
         name = f"model {entry.model_name}"
         if len(config.deployments(entry.model_name)) > 1:
             name += f" @{endpoint_of(entry)}"
-        results.append(_guard(name, lambda e=entry: _model(e)))  # type: ignore[misc]
+        results.append(_guard(name, lambda e=entry: _model(config, e)))  # type: ignore[misc]
     if config.search_url:
         search = config.search_url
         results.append(_guard("search", lambda: _search(search)))

@@ -114,6 +114,7 @@ class ModelError(TyphonError):
         self.alias = alias
         self.url = url
         self.retryable = retryable  # another try may well succeed (garbled or cut-off answer)
+        self.status: int | None = None  # the HTTP status that refused the request, if any
         super().__init__(message)
 
 

@@ -160,6 +160,30 @@ memory_performance = sa.Table(
 )
 
 
+# v5: the semantic cache: answers by request (their vectors live in the vector index, keyed by
+# the same id) and hit/miss counts per model alias.
+cache_entries = sa.Table(
+    "memory_cache",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("alias", sa.String(128), nullable=False, index=True),
+    sa.Column("prompt_version", sa.String(128), nullable=False, index=True),
+    sa.Column("request", sa.Text, nullable=False),
+    sa.Column("response", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False, index=True),
+    sa.Column("hits", sa.Integer, nullable=False, server_default="0"),
+)
+
+cache_counts = sa.Table(
+    "memory_cache_counts",
+    metadata,
+    sa.Column("alias", sa.String(128), primary_key=True),
+    sa.Column("hits", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("misses", sa.Integer, nullable=False, server_default="0"),
+)
+
+
 def _migration_1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[runs, run_events])
 
@@ -189,12 +213,17 @@ def _migration_4(conn: Connection) -> None:
     metadata.create_all(conn, tables=[memory_records, memory_working, memory_performance])
 
 
+def _migration_5(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[cache_entries, cache_counts])
+
+
 # (version, step): append only; never edit a step that has shipped.
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _migration_1),
     (2, _migration_2),
     (3, _migration_3),
     (4, _migration_4),
+    (5, _migration_5),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -297,6 +326,29 @@ class RunStore:
                 conn.execute(schema_table.update().values(version=SCHEMA_VERSION))
         self._migrated = True
         return SCHEMA_VERSION
+
+    def add_to_totals(
+        self,
+        table: sa.Table,
+        key: dict[str, Any],
+        amounts: dict[str, Any],
+        **values: Any,
+    ) -> None:
+        """Add ``amounts`` to the row of ``table`` named by ``key`` (its primary key), creating
+        it when missing, in one atomic statement; ``values`` are set as given."""
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+        stmt = insert(table).values(**key, **amounts, **values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[table.c[k] for k in key],
+            set_={
+                **{k: stmt.excluded[k] for k in values},
+                **{k: table.c[k] + stmt.excluded[k] for k in amounts},
+            },
+        )
+        self._run(lambda conn: conn.execute(stmt))
 
     def migrate_once(self) -> None:
         """Migrate unless this object already has (for code that uses ``engine`` directly)."""

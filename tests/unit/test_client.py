@@ -642,3 +642,34 @@ def test_ollama_request_and_answer_shapes() -> None:
     assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (26, 12)
     assert result.usage.compute_s == pytest.approx(0.75)  # prompt + eval, not load
     assert result.finish_reason == "stop"
+
+
+def test_ollama_embed_is_one_request_and_falls_back_on_an_older_server() -> None:
+    from typhon.models import OllamaClient
+
+    rec = Recorder(httpx.Response(200, json={"embeddings": [[0.1, 0.2], [0.3, 0.4]]}))
+    client = OllamaClient("e", "http://127.0.0.1:9", "nomic", transport=httpx.MockTransport(rec))
+    assert client.embed(["a", "b"]) == [[0.1, 0.2], [0.3, 0.4]]
+    assert [r.url.path for r in rec.requests] == ["/api/embed"]
+
+    def old_server(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/embed":
+            return httpx.Response(404, text="404 page not found")
+        return httpx.Response(200, json={"embedding": [1.0, 0.0]})
+
+    rec = Recorder(old_server)
+    client = OllamaClient("e", "http://127.0.0.1:9", "nomic", transport=httpx.MockTransport(rec))
+    assert client.embed(["a", "b"]) == [[1.0, 0.0], [1.0, 0.0]]
+    assert [r.url.path for r in rec.requests] == [
+        "/api/embed",
+        "/api/embeddings",
+        "/api/embeddings",
+    ]
+
+    missing = Recorder(httpx.Response(404, json={"error": 'model "nomic" not found'}))
+    client = OllamaClient(
+        "e", "http://127.0.0.1:9", "nomic", transport=httpx.MockTransport(missing)
+    )
+    with pytest.raises(ModelResponseError, match="not found"):
+        client.embed(["a"])
+    assert len(missing.requests) == 1

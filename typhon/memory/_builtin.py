@@ -15,12 +15,13 @@ import re
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from typhon.memory._shared import as_utc, fold_episodes, now, perf_increments, perf_row
 from typhon.memory._types import (
     EpisodicMemory,
     MemoryBackendError,
@@ -41,14 +42,6 @@ if TYPE_CHECKING:
 __all__ = ["BuiltinBackend"]
 
 _REEMBED_BATCH = 64
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _utc(value: datetime) -> datetime:
-    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _slug(text: str) -> str:
@@ -181,7 +174,7 @@ class _Searchable:
             )
         rec = MemoryRecord(
             id=str(uuid.uuid4()), tier=self.tier, text=text,
-            created_at=_utc(created_at) if created_at else _now(), crew=crew, run_id=run_id,
+            created_at=as_utc(created_at) if created_at else now(), crew=crew, run_id=run_id,
             tags=tuple(dict.fromkeys(tags)), kind=kind, meta=dict(meta or {}),
         )  # fmt: skip
         self._ready()
@@ -298,7 +291,7 @@ class _Searchable:
         if since is not None:
             must.append(
                 models.FieldCondition(
-                    key="created_at", range=models.Range(gte=_utc(since).timestamp())
+                    key="created_at", range=models.Range(gte=as_utc(since).timestamp())
                 )
             )
         return models.Filter(must=must) if must else None
@@ -356,7 +349,7 @@ class _Searchable:
         if kind is not None:
             query = query.where(c.kind == kind)
         if since is not None:
-            query = query.where(c.created_at >= _utc(since))
+            query = query.where(c.created_at >= as_utc(since))
         query = query.order_by(c.created_at.desc(), c.id)
         self.backend.store.migrate_once()
         out: list[MemoryRecord] = []
@@ -409,7 +402,7 @@ class _Searchable:
 
 class _Episodic(_Searchable):
     def compact(self, older_than: timedelta, summarize: Callable[[list[MemoryRecord]], str]) -> int:
-        cutoff = _now() - older_than
+        cutoff = now() - older_than
         c = memory_records.c
         query = (
             sa.select(memory_records)
@@ -419,22 +412,7 @@ class _Episodic(_Searchable):
         self.backend.store.migrate_once()
         with self.backend.store.engine.connect() as conn:
             old = [_record(r) for r in conn.execute(query).mappings()]
-        by_crew: dict[str | None, list[MemoryRecord]] = {}
-        for rec in old:
-            by_crew.setdefault(rec.crew, []).append(rec)
-        folded = 0
-        for crew, group in by_crew.items():
-            text = summarize(group)[: self.backend.max_record_chars]
-            self.add(
-                text, crew=crew, kind="summary", tags=("summary",),
-                meta={"replaces": [r.id for r in group], "from": group[0].created_at.isoformat(),
-                      "to": group[-1].created_at.isoformat()},
-                created_at=group[-1].created_at,
-            )  # fmt: skip
-            for rec in group:
-                self.forget(rec.id)
-            folded += len(group)
-        return folded
+        return fold_episodes(self, old, summarize, self.backend.max_record_chars)
 
 
 class _Working:
@@ -447,7 +425,7 @@ class _Working:
         t = memory_working
         with store.engine.begin() as conn:
             conn.execute(t.delete().where(t.c.run_id == run_id, t.c.key == key))
-            conn.execute(t.insert().values(run_id=run_id, key=key, value=value, updated_at=_now()))
+            conn.execute(t.insert().values(run_id=run_id, key=key, value=value, updated_at=now()))
 
     def get(self, run_id: str, key: str, default: Any = None) -> Any:
         return self.items(run_id).get(key, default)
@@ -466,12 +444,6 @@ class _Working:
         t = memory_working
         with store.engine.begin() as conn:
             return int(conn.execute(t.delete().where(t.c.run_id == run_id)).rowcount)
-
-
-_PERF_SUMS = (
-    "calls", "failures", "prompt_tokens", "completion_tokens", "latency_s", "gpu_s", "runs",
-    "runs_ok",
-)  # fmt: skip
 
 
 class _Performance:
@@ -493,27 +465,19 @@ class _Performance:
         runs_ok: int = 0,
         qa_score: float | None = None,
     ) -> None:
-        add: dict[str, Any] = {
-            "calls": calls, "failures": failures, "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens, "latency_s": latency_s, "gpu_s": gpu_s,
-            "runs": runs, "runs_ok": runs_ok,
-            "qa_sum": qa_score or 0.0, "qa_n": 0 if qa_score is None else 1,
-        }  # fmt: skip
+        add = perf_increments(
+            calls=calls, failures=failures, prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens, latency_s=latency_s, gpu_s=gpu_s, runs=runs,
+            runs_ok=runs_ok, qa_score=qa_score,
+        )  # fmt: skip
         store = self.backend.store
         store.migrate_once()
-        t = memory_performance
-        if store.dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
-        stmt = insert(t).values(alias=alias, category=category or "", updated_at=_now(), **add)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[t.c.alias, t.c.category],
-            set_={"updated_at": stmt.excluded.updated_at,
-                  **{k: getattr(t.c, k) + getattr(stmt.excluded, k) for k in add}},
-        )  # fmt: skip
-        with store.engine.begin() as conn:
-            conn.execute(stmt)
+        store.add_to_totals(
+            memory_performance,
+            {"alias": alias, "category": category or ""},
+            add,
+            updated_at=now(),
+        )
 
     def stats(self, alias: str | None = None, category: str | None = None) -> list[dict[str, Any]]:
         store = self.backend.store
@@ -526,21 +490,7 @@ class _Performance:
             query = query.where(t.c.category == category)
         with store.engine.connect() as conn:
             rows = list(conn.execute(query).mappings())
-        return [_perf_row(r) for r in rows]
-
-
-def _perf_row(r: Any) -> dict[str, Any]:
-    calls, runs, qa_n = int(r["calls"]), int(r["runs"]), int(r["qa_n"])
-    return {
-        "alias": r["alias"],
-        "category": r["category"] or None,
-        **{k: r[k] for k in _PERF_SUMS},
-        "failure_rate": round(r["failures"] / calls, 4) if calls else 0.0,
-        "success_rate": round(r["runs_ok"] / runs, 4) if runs else None,
-        "mean_latency_s": round(r["latency_s"] / calls, 4) if calls else None,
-        "qa_score": round(r["qa_sum"] / qa_n, 4) if qa_n else None,
-        "qa_reviews": qa_n,
-    }
+        return [perf_row(r["alias"], r["category"], dict(r)) for r in rows]
 
 
 def _record(row: Any) -> MemoryRecord:
@@ -548,7 +498,7 @@ def _record(row: Any) -> MemoryRecord:
         id=row["id"],
         tier=row["tier"],
         text=row["text"],
-        created_at=_utc(row["created_at"]),
+        created_at=as_utc(row["created_at"]),
         crew=row["crew"],
         run_id=row["run_id"],
         tags=tuple(row["tags"] or ()),

@@ -25,7 +25,7 @@ from typhon.config import MemoryCacheSettings
 from typhon.memory._builtin import _slug, _Vectors
 from typhon.memory._embed import Embedder
 from typhon.models._client import ChatResult, ChatStream, Message, ModelClient
-from typhon.store import RunStore, metadata
+from typhon.store import RunStore, cache_counts, cache_entries
 
 __all__ = [
     "CacheHit",
@@ -37,27 +37,6 @@ __all__ = [
 ]
 
 _MAX_REQUEST_CHARS = 1000  # about the 256 tokens MiniLM reads
-
-cache_entries = sa.Table(
-    "memory_cache",
-    metadata,
-    sa.Column("id", sa.String(36), primary_key=True),
-    sa.Column("alias", sa.String(128), nullable=False, index=True),
-    sa.Column("prompt_version", sa.String(128), nullable=False, index=True),
-    sa.Column("request", sa.Text, nullable=False),
-    sa.Column("response", sa.Text, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("expires_at", sa.Float, nullable=False, index=True),
-    sa.Column("hits", sa.Integer, nullable=False, server_default="0"),
-)
-
-cache_counts = sa.Table(
-    "memory_cache_counts",
-    metadata,
-    sa.Column("alias", sa.String(128), primary_key=True),
-    sa.Column("hits", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("misses", sa.Integer, nullable=False, server_default="0"),
-)
 
 
 def request_text(messages: Sequence[Message]) -> str:
@@ -162,8 +141,6 @@ class SemanticCache:
     def _prepare(self) -> None:
         if not self._ready:
             self.store.migrate_once()
-            with self.store.engine.begin() as conn:
-                metadata.create_all(conn, tables=[cache_entries, cache_counts])
             self.vectors.ensure(self._name, self.embedder.dim)
             self._ready = True
 
@@ -332,22 +309,11 @@ class SemanticCache:
         return int(gone)
 
     def _count(self, alias: str, hit: bool, entry_id: str | None) -> None:
-        if self.store.dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
-        t = cache_counts
-        stmt = insert(t).values(alias=alias, hits=int(hit), misses=int(not hit))
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[t.c.alias],
-            set_={
-                "hits": t.c.hits + stmt.excluded.hits,
-                "misses": t.c.misses + stmt.excluded.misses,
-            },
+        self.store.add_to_totals(
+            cache_counts, {"alias": alias}, {"hits": int(hit), "misses": int(not hit)}
         )
-        with self.store.engine.begin() as conn:
-            conn.execute(stmt)
-            if entry_id is not None:
+        if entry_id is not None:
+            with self.store.engine.begin() as conn:
                 conn.execute(
                     cache_entries.update()
                     .where(cache_entries.c.id == entry_id)

@@ -43,11 +43,12 @@ import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import httpx
 
+from typhon.memory._shared import as_utc, fold_episodes, now, perf_increments, perf_row
 from typhon.memory._types import (
     EpisodicMemory,
     MemoryBackendError,
@@ -69,19 +70,7 @@ PAGE = 100  # Letta's most passages per search request
 _PASSAGE_ID = re.compile(
     r"^passage-[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
 )
-_PERF_SUMS = (
-    "calls", "failures", "prompt_tokens", "completion_tokens", "latency_s", "gpu_s", "runs",
-    "runs_ok",
-)  # fmt: skip
 _PERF_BLOCK_LIMIT = 1_000_000
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _utc(value: datetime) -> datetime:
-    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -359,7 +348,7 @@ class _Searchable:
     def _record(self, passage: Passage, score: float | None = None) -> MemoryRecord:
         md = dict(passage.metadata or {})
         ours = md.get("typhon")
-        created = _utc(passage.created_at) if passage.created_at else _now()
+        created = as_utc(passage.created_at) if passage.created_at else now()
         if isinstance(ours, dict):
             return MemoryRecord(
                 id=str(passage.id), tier=self.tier, text=passage.text, created_at=created,
@@ -390,7 +379,7 @@ class _Searchable:
     def _scan(self, since: datetime | None = None) -> list[Passage]:
         """Every passage of the archive (from ``since``), oldest first."""
         seen: dict[str, Passage] = {}
-        start = _utc(since) if since is not None else None
+        start = as_utc(since) if since is not None else None
         while True:
             page = self._search(limit=PAGE, start=start)
             fresh = [p for p in page if p.id is not None and p.id not in seen]
@@ -414,7 +403,7 @@ class _Searchable:
             (crew is None or rec.crew == crew)
             and (kind is None or rec.kind == kind)
             and all(t in rec.tags for t in tags)
-            and (since is None or rec.created_at >= _utc(since))
+            and (since is None or rec.created_at >= as_utc(since))
         )
 
     # -- writes ----------------------------------------------------------------------------------
@@ -448,7 +437,7 @@ class _Searchable:
         archive = self.backend.archive_id(self.tier)
         extra: dict[str, Any] = {}
         if created_at is not None:
-            extra["created_at"] = _utc(created_at).isoformat()
+            extra["created_at"] = as_utc(created_at).isoformat()
         with self.backend.calling(self.tier, "adding a passage"):
             passage = self.backend.client_once.archives.passages.create(
                 archive, text=text, tags=tag_list, metadata={"typhon": ours}, **extra
@@ -473,7 +462,7 @@ class _Searchable:
         over = len(passages) - budget
         if over <= 0:
             return
-        passages.sort(key=lambda p: (_utc(p.created_at) if p.created_at else _now(), str(p.id)))
+        passages.sort(key=lambda p: (as_utc(p.created_at) if p.created_at else now(), str(p.id)))
         for passage in passages[:over]:
             self.forget(str(passage.id))
 
@@ -523,7 +512,7 @@ class _Searchable:
         passages = self._search(
             query=query,
             limit=PAGE if filtered else min(k, PAGE),
-            start=_utc(since) if since is not None else None,
+            start=as_utc(since) if since is not None else None,
         )
         if not passages:
             return []
@@ -564,28 +553,11 @@ class _Episodic(_Searchable):
         """Episodes older than ``older_than`` (summaries excepted) become one summary per crew
         (kind ``summary``, tag ``summary``, ``meta["replaces"]`` their ids, dated as the newest
         one); the summaries are written before the episodes are deleted."""
-        cutoff = _now() - older_than
+        cutoff = now() - older_than
         old = [self._record(p) for p in self._scan()]
         old = [r for r in old if r.created_at < cutoff and r.kind != "summary"]
         old.sort(key=lambda r: (r.created_at, r.id))
-        by_crew: dict[str | None, list[MemoryRecord]] = {}
-        for rec in old:
-            by_crew.setdefault(rec.crew, []).append(rec)
-        folded = 0
-        for crew, group in by_crew.items():
-            text = summarize(group)
-            if not text.strip():
-                self._input(f"the summary of {len(group)} episodes of crew {crew!r} is empty")
-            self.add(
-                text, crew=crew, kind="summary", tags=("summary",),
-                meta={"replaces": [r.id for r in group], "from": group[0].created_at.isoformat(),
-                      "to": group[-1].created_at.isoformat()},
-                created_at=group[-1].created_at,
-            )  # fmt: skip
-            for rec in group:
-                self.forget(rec.id)
-            folded += len(group)
-        return folded
+        return fold_episodes(self, old, summarize, self.backend.max_record_chars)
 
 
 class _Working:
@@ -712,19 +684,18 @@ class _Performance:
     ) -> None:
         if not alias:
             raise self.backend.input_error(self.tier, "the model alias is empty")
-        add: dict[str, Any] = {
-            "calls": calls, "failures": failures, "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens, "latency_s": latency_s, "gpu_s": gpu_s,
-            "runs": runs, "runs_ok": runs_ok,
-            "qa_sum": qa_score or 0.0, "qa_n": 0 if qa_score is None else 1,
-        }  # fmt: skip
+        add = perf_increments(
+            calls=calls, failures=failures, prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens, latency_s=latency_s, gpu_s=gpu_s, runs=runs,
+            runs_ok=runs_ok, qa_score=qa_score,
+        )  # fmt: skip
         with self.backend._lock:
             block = self.backend.find_block(self.tier, self._label)
             totals = self._load(block)
             row = totals.setdefault(alias, {}).setdefault(category or "", {})
             for k, v in add.items():
                 row[k] = row.get(k, 0) + v
-            row["updated_at"] = _now().isoformat()
+            row["updated_at"] = now().isoformat()
             text = json.dumps({"version": 1, "totals": totals}, separators=(",", ":"))
             limit = block.limit if block is not None else _PERF_BLOCK_LIMIT
             if limit is not None and len(text) > limit:
@@ -747,19 +718,5 @@ class _Performance:
             for c in sorted(totals[a]):
                 if category is not None and c != category:
                     continue
-                out.append(_perf_row(a, c, totals[a][c]))
+                out.append(perf_row(a, c, totals[a][c]))
         return out
-
-
-def _perf_row(alias: str, category: str, r: dict[str, Any]) -> dict[str, Any]:
-    calls, runs, qa_n = int(r.get("calls", 0)), int(r.get("runs", 0)), int(r.get("qa_n", 0))
-    return {
-        "alias": alias,
-        "category": category or None,
-        **{k: r.get(k, 0) for k in _PERF_SUMS},
-        "failure_rate": round(r.get("failures", 0) / calls, 4) if calls else 0.0,
-        "success_rate": round(r.get("runs_ok", 0) / runs, 4) if runs else None,
-        "mean_latency_s": round(r.get("latency_s", 0.0) / calls, 4) if calls else None,
-        "qa_score": round(r.get("qa_sum", 0.0) / qa_n, 4) if qa_n else None,
-        "qa_reviews": qa_n,
-    }

@@ -143,8 +143,6 @@ class HttpModelClient:
     backoff and jitter (honouring ``Retry-After``), typed errors, JSON checks, truncated streams.
     Subclasses say how a request is written and an answer read."""
 
-    kind = "http"
-
     def __init__(
         self,
         alias: str,
@@ -334,9 +332,11 @@ class HttpModelClient:
                 )
             if response.status_code >= 400:
                 response.read()
-                raise self._bad(
+                refused = self._bad(
                     f"refused the request ({response.status_code}): {_error_text(response)}"
                 )
+                refused.status = response.status_code
+                raise refused
             return response
 
     def _sleep(self, attempt: int, retry_after: str | None) -> None:
@@ -432,8 +432,6 @@ def _llama_timings(data: dict[str, Any]) -> float | None:
 
 class OpenAICompatibleClient(HttpModelClient):
     """``POST {base}/chat/completions`` on TabbyAPI, llama-server, vLLM, Ollama's /v1, LiteLLM."""
-
-    kind = "openai"
 
     def _chat_request(
         self, messages: Sequence[Message], stream: bool, **params: Any

@@ -11,6 +11,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from typhon.errors import ModelResponseError
 from typhon.models._client import (
     ChatResult,
     HttpModelClient,
@@ -52,8 +53,6 @@ def _stats(data: dict[str, Any]) -> tuple[dict[str, int], float | None]:
 
 class OllamaClient(HttpModelClient):
     """Ollama's native chat API. ``base_url`` is the server root (``http://host:11434``)."""
-
-    kind = "ollama"
 
     def __init__(self, alias: str, base_url: str, model: str, **kwargs: Any):
         base = base_url.rstrip("/")
@@ -127,10 +126,14 @@ class OllamaClient(HttpModelClient):
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """``/api/embed`` (one request for all texts); ``/api/embeddings`` on older servers."""
         body = {"model": self.model, "input": list(texts)}
-        response = self._http.post("/api/embed", json=body)
-        if response.status_code == 404 and "not found" not in response.text.lower():
-            return [self._embed_one(text) for text in texts]
-        response = self._send(lambda: self._http.post("/api/embed", json=body))
+        try:
+            response = self._send(lambda: self._http.post("/api/embed", json=body))
+        except ModelResponseError as exc:
+            # a server without the route answers a plain "404 page not found"; an unknown
+            # model is a JSON error and is passed on
+            if exc.status == 404 and "page not found" in str(exc):
+                return [self._embed_one(text) for text in texts]
+            raise
         data = _json(response, self)
         try:
             return [[float(x) for x in row] for row in data["embeddings"]]
