@@ -74,6 +74,21 @@ def raise_exit(signum: int, _frame: Any) -> None:
 
 
 # -- set-up ---------------------------------------------------------------------------------------
+def run_with_cleanup(run: Callable[[Any, Cleanup], None], args: Any) -> int:
+    """A benchmark's main: ``run(args, cleanup)`` with everything registered on ``cleanup``
+    undone at the end, on an exception, on SIGTERM and at interpreter exit."""
+    import atexit
+
+    cleanup = Cleanup()
+    atexit.register(cleanup.run)
+    signal.signal(signal.SIGTERM, raise_exit)
+    try:
+        run(args, cleanup)
+    finally:
+        cleanup.run()
+    return 0
+
+
 def child_env(extra: dict[str, str]) -> dict[str, str]:
     """This environment without the caller's TYPHON_* settings, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TYPHON_")}

@@ -36,11 +36,9 @@ figures.
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
 import shlex
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -55,7 +53,7 @@ for _path in (BENCH_DIR, REPO):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))  # _common, throughput; tests.support.llama
 
-from _common import Cleanup, raise_exit  # noqa: E402
+from _common import Cleanup, run_with_cleanup  # noqa: E402
 from throughput import idle_check  # noqa: E402
 
 ALIAS = "fast"
@@ -352,15 +350,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    cleanup = Cleanup()
-    atexit.register(cleanup.run)
-    signal.signal(signal.SIGTERM, raise_exit)
-    try:
-        run(args, cleanup)
-    finally:
-        cleanup.run()
-    return 0
+    return run_with_cleanup(run, parse_args(argv))
 
 
 def run(args: argparse.Namespace, cleanup: Cleanup) -> None:

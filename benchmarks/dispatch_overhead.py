@@ -35,10 +35,8 @@ the target.
 from __future__ import annotations
 
 import argparse
-import atexit
 import math
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -60,7 +58,7 @@ from _common import (  # noqa: E402
     Cleanup,
     cleanup_redis,
     log_tail,
-    raise_exit,
+    run_with_cleanup,
     start_pair,
 )
 
@@ -379,15 +377,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    cleanup = Cleanup()
-    atexit.register(cleanup.run)
-    signal.signal(signal.SIGTERM, raise_exit)
-    try:
-        run(args, cleanup)
-    finally:
-        cleanup.run()
-    return 0
+    return run_with_cleanup(run, parse_args(argv))
 
 
 def run(args: argparse.Namespace, cleanup: Cleanup) -> None:

@@ -42,10 +42,8 @@ and the cluster's slot keys are removed at exit. Exit status 0 whatever the figu
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -67,7 +65,7 @@ from _common import (  # noqa: E402
     Pair,
     cleanup_redis,
     log_tail,
-    raise_exit,
+    run_with_cleanup,
     start_pair,
 )
 
@@ -703,15 +701,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    cleanup = Cleanup()
-    atexit.register(cleanup.run)
-    signal.signal(signal.SIGTERM, raise_exit)
-    try:
-        run(args, cleanup)
-    finally:
-        cleanup.run()
-    return 0
+    return run_with_cleanup(run, parse_args(argv))
 
 
 def run(args: argparse.Namespace, cleanup: Cleanup) -> None:
