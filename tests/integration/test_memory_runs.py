@@ -180,3 +180,48 @@ def test_runs_remember_in_letta_when_configured(home: Path) -> None:
                 for block in client.blocks.list(label_search=f"{namespace}-", limit=1000).items:
                     if (block.label or "").startswith(f"{namespace}-"):
                         client.blocks.delete(block.id)
+
+
+def test_embeddings_serve_and_memory_compact_commands(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    import httpx
+
+    from typhon.models import free_port
+
+    env = {**os.environ, "TYPHON_HOME": str(tmp_path / "h")}
+    port = free_port()
+    proc = subprocess.Popen(
+        [TYPHON, "embeddings", "serve", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                answer = httpx.post(
+                    f"http://127.0.0.1:{port}/v1/embeddings",
+                    json={"model": "m", "input": ["a cat", "a dog"]},
+                    timeout=10,
+                )
+                break
+            except httpx.ConnectError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+                time.sleep(0.2)
+        assert answer.status_code == 200
+        assert [len(row["embedding"]) for row in answer.json()["data"]] == [384, 384]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    refused = subprocess.run(
+        [TYPHON, "embeddings", "serve", "--host", "0.0.0.0", "--port", str(port)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "cannot serve embeddings" in refused.stderr
+
+    compact = subprocess.run(
+        [TYPHON, "memory", "compact", "--json"], capture_output=True, text=True, env=env
+    )
+    assert compact.returncode == 0, compact.stderr
+    assert json.loads(compact.stdout) == {"episodes_compacted": 0, "cache_entries_expired": 0}

@@ -165,3 +165,25 @@ def test_cli_models_list_json_on_the_hydra_file() -> None:
     assert rows["text-embedding-ada-002"]["mode"] == "embedding"
     raw = yaml.safe_load(hydra.read_text(encoding="utf-8"))
     assert len(rows) == len({m["model_name"] for m in raw["model_list"]})
+
+
+def test_cli_models_stats_sums_calls_per_model_and_category(tmp_path: Path) -> None:
+    from typhon._types import Usage
+    from typhon.store import RunStore
+
+    home = tmp_path / "h"
+    store = RunStore(f"sqlite:///{home / 'typhon.db'}")
+    for ok in (True, True, False):
+        store.add_model_call(
+            alias="gpt-4", requested="gpt-4", url="http://127.0.0.1:9/v1", category="code",
+            usage=Usage(10, 5, 1, 0.5, 0.4), gpu_s=0.8, ok=ok,
+        )  # fmt: skip
+    store.close()
+    env = {**os.environ, "TYPHON_HOME": str(home)}
+    proc = subprocess.run(
+        [TYPHON_BIN, "models", "stats", "--json"], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    [row] = json.loads(proc.stdout)
+    assert (row["alias"], row["category"], row["calls"], row["failures"]) == ("gpt-4", "code", 3, 1)
+    assert row["gpu_s"] == pytest.approx(2.4) and row["prompt_tokens"] == 30
