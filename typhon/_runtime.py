@@ -94,26 +94,15 @@ class Runtime:
 
     @property
     def memory(self) -> Memory | None:
-        """This process's memory, opened on first use; None when it is off. With the built-in
-        backend on local Qdrant files, only an embedded process uses memory: Qdrant's local mode
-        admits one process, so workers of a cluster need ``memory.qdrant_url`` (or Letta)."""
+        """This process's memory, opened on first use; None when it is off."""
         with self._memory_lock:
             if self._memory_state == "closed":
-                settings = self.config.memory
-                local_only = settings.backend == "builtin" and not settings.qdrant_url
-                if local_only and self.config.broker_url:
-                    log.warning(
-                        "memory off in this worker: set memory.qdrant_url (a Qdrant server)"
-                        " for the built-in backend on a cluster"
-                    )
+                try:
+                    self._memory = open_memory(self.config, self.store, self.models)
+                    self._memory_state = "open"
+                except TyphonError as exc:
+                    log.warning("memory off: cannot open it", error=str(exc))
                     self._memory_state = "off"
-                else:
-                    try:
-                        self._memory = open_memory(self.config, self.store, self.models)
-                        self._memory_state = "open"
-                    except TyphonError as exc:
-                        log.warning("memory off: cannot open it", error=str(exc))
-                        self._memory_state = "off"
             return self._memory
 
     @property

@@ -387,8 +387,9 @@ class MemoryCacheSettings(_Strict):
 class MemoryConfig(_Strict):
     """Where memory lives and how much of it.
 
-    ``backend``: ``builtin`` (records in the run store's database, vectors in Qdrant: local files
-    under ``$TYPHON_HOME/qdrant``, or the server at ``qdrant_url``) or ``letta`` (``letta_url``).
+    ``backend``: ``builtin`` (records and vectors in the run store's database, searched by an
+    HNSW index in each process, or by the Qdrant server at ``qdrant_url``) or ``letta``
+    (``letta_url``).
     ``embeddings``: ``local`` (all-MiniLM-L6-v2 on onnxruntime, in process) or a model alias
     of the model list with an embeddings endpoint."""
 

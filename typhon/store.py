@@ -183,6 +183,22 @@ cache_counts = sa.Table(
     sa.Column("misses", sa.Integer, nullable=False, server_default="0"),
 )
 
+# Every vector of memory and the cache, with the payload searches filter on; removals leave a
+# tombstone row (op 'del') so that other processes' in-memory indexes learn of them.
+memory_vectors = sa.Table(
+    "memory_vectors",
+    metadata,
+    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("collection", sa.String(128), nullable=False),
+    sa.Column("point_id", sa.String(36), nullable=False),
+    sa.Column("op", sa.String(3), nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("vector", sa.LargeBinary),
+    sa.Column("payload", sa.JSON),
+    sa.Index("ix_memory_vectors_collection_point", "collection", "point_id"),
+    sqlite_autoincrement=True,
+)
+
 
 def _migration_1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[runs, run_events])
@@ -217,6 +233,14 @@ def _migration_5(conn: Connection) -> None:
     metadata.create_all(conn, tables=[cache_entries, cache_counts])
 
 
+def _migration_6(conn: Connection) -> None:
+    """Vectors move into the database: records written before are re-embedded on first use
+    (their model is unknown to the new table) and the cache starts empty."""
+    metadata.create_all(conn, tables=[memory_vectors])
+    conn.execute(memory_records.update().values(embed_model=""))
+    conn.execute(cache_entries.delete())
+
+
 # (version, step): append only; never edit a step that has shipped.
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _migration_1),
@@ -224,6 +248,7 @@ MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (3, _migration_3),
     (4, _migration_4),
     (5, _migration_5),
+    (6, _migration_6),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

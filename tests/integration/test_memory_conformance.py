@@ -1,5 +1,6 @@
 """One conformance suite for every memory backend: the same tests of the four tiers over the
-built-in backend on SQLite and on PostgreSQL (Qdrant in local mode) and over a real Letta server
+built-in backend on SQLite and on PostgreSQL (its HNSW index), on SQLite with the Qdrant index
+(qdrant-client on local files: the same API a Qdrant server answers) and over a real Letta server
 (scripts/letta), all with the real MiniLM embeddings. Tests of one backend's own mechanics (the
 vector index, re-embedding) take the run store directly."""
 
@@ -10,19 +11,21 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from typhon.memory._builtin import BuiltinBackend
 from typhon.memory._embed import default_embedder
+from typhon.memory._index import QdrantIndex
 from typhon.memory._types import MemoryBackend, MemoryBackendError, MemoryInputError
-from typhon.store import RunStore
+from typhon.store import RunStore, memory_vectors
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(params=["builtin-sqlite", "builtin-postgresql", "letta"])
+@pytest.fixture(params=["builtin-sqlite", "builtin-postgresql", "builtin-qdrant", "letta"])
 def memory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MemoryBackend]:
     """The same tier tests over every backend: built-in on SQLite and on a real PostgreSQL
-    (Qdrant local files), and a real Letta server."""
+    (the HNSW index), built-in with the Qdrant index, and a real Letta server."""
     if request.param == "letta":
         from support.letta import LettaFactory, embeddings_endpoint, letta_url
 
@@ -35,14 +38,15 @@ def memory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MemoryBac
         return
     url = (
         f"sqlite:///{tmp_path / 'typhon.db'}"
-        if request.param == "builtin-sqlite"
+        if request.param != "builtin-postgresql"
         else request.getfixturevalue("pg_schema_url")
     )
     store = RunStore(url)
+    index = QdrantIndex(path=tmp_path / "qdrant") if request.param == "builtin-qdrant" else None
     backend = BuiltinBackend(
         store,
         default_embedder(),
-        qdrant_path=tmp_path / "qdrant",
+        index=index,
         max_record_chars=2000,
         max_records={"episodic": 50, "semantic": 50},
     )
@@ -175,10 +179,10 @@ def test_a_new_embedding_model_reembeds_instead_of_mixing(store: RunStore, tmp_p
         def embed(self, texts: list[str]) -> list[list[float]]:
             return [[float(len(t) % 7 + 1), *([1.0] * 7)] for t in texts]
 
-    first = BuiltinBackend(store, Other(), qdrant_path=tmp_path / "q")
+    first = BuiltinBackend(store, Other())
     rec = first.semantic.add("the cluster has three nodes")
     first.close()
-    second = BuiltinBackend(store, default_embedder(), qdrant_path=tmp_path / "q")
+    second = BuiltinBackend(store, default_embedder())
     try:
         hits = second.semantic.search("how many machines are in the cluster?", k=1)
         assert [h.id for h in hits] == [rec.id] and hits[0].score is not None
@@ -195,7 +199,7 @@ def test_wrong_dimension_is_refused_and_leaves_nothing(store: RunStore, tmp_path
         def embed(self, texts: list[str]) -> list[list[float]]:
             return [[0.1] * 12 for _ in texts]
 
-    backend = BuiltinBackend(store, Broken(), qdrant_path=tmp_path / "q")
+    backend = BuiltinBackend(store, Broken())
     try:
         with pytest.raises(MemoryBackendError, match="returned 12-dim vectors, expected 384"):
             backend.semantic.add("a fact")
@@ -205,12 +209,16 @@ def test_wrong_dimension_is_refused_and_leaves_nothing(store: RunStore, tmp_path
 
 
 def test_a_vector_index_failure_leaves_no_row(store: RunStore, tmp_path: Path) -> None:
-    backend = BuiltinBackend(store, default_embedder(), qdrant_path=tmp_path / "q")
+    index = QdrantIndex(path=tmp_path / "q")
+    backend = BuiltinBackend(store, default_embedder(), index=index)
     try:
         backend.semantic.add("first")
-        backend.vectors.client.delete_collection(backend.semantic._name)  # index gone under it
+        index.client.delete_collection(backend.semantic._name)  # the index gone under it
         with pytest.raises(MemoryBackendError, match="vector index refused the write"):
             backend.semantic.add("second")
         assert [r.text for r in backend.semantic.list()] == ["first"]
+        with store.engine.connect() as conn:
+            kept = conn.execute(sa.select(sa.func.count()).select_from(memory_vectors)).scalar()
+        assert kept == 1  # the vector of "first" only
     finally:
         backend.close()

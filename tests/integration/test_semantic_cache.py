@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from typhon.config import MemoryCacheSettings
-from typhon.memory._builtin import _Vectors
 from typhon.memory._cache import SemanticCache
 from typhon.memory._embed import default_embedder
+from typhon.memory._index import HnswIndex
 from typhon.store import RunStore
 
 pytestmark = pytest.mark.integration
@@ -23,7 +23,7 @@ ASK = "user: What is the capital of France?"
 
 @pytest.fixture
 def cache(store: RunStore, tmp_path: Path) -> Iterator[SemanticCache]:
-    vectors = _Vectors(path=tmp_path / "q", url=None, backend="test")
+    vectors = HnswIndex(store)
     yield SemanticCache(store, default_embedder(), vectors, MemoryCacheSettings(threshold=0.92))
     vectors.close()
 
@@ -60,7 +60,7 @@ def test_retired_versions_are_never_served(cache: SemanticCache) -> None:
 
 
 def test_entries_expire(store: RunStore, tmp_path: Path) -> None:
-    vectors = _Vectors(path=tmp_path / "q", url=None, backend="test")
+    vectors = HnswIndex(store)
     short = SemanticCache(store, default_embedder(), vectors, MemoryCacheSettings(ttl_s=0.5))
     try:
         short.put("fast", "v1", ASK, "Paris.")
@@ -104,7 +104,7 @@ def test_the_context_before_the_question_must_match(cache: SemanticCache) -> Non
 
 
 def test_the_number_of_entries_is_bounded(store: RunStore, tmp_path: Path) -> None:
-    vectors = _Vectors(path=tmp_path / "q", url=None, backend="test")
+    vectors = HnswIndex(store)
     small = SemanticCache(store, default_embedder(), vectors, MemoryCacheSettings(max_entries=2))
     try:
         for text in ("What is 2 plus 2?", "Name a red fruit.", "Who wrote Hamlet?"):

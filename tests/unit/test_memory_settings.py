@@ -38,11 +38,14 @@ def test_bad_memory_settings_name_the_key(tmp_path: Path, text: str, needle: str
     assert info.value.exit_code == 2
 
 
-def test_a_cluster_worker_without_a_qdrant_server_has_memory_off(tmp_path: Path) -> None:
+def test_a_cluster_worker_has_memory_on_the_builtin_index(tmp_path: Path) -> None:
+    """The built-in index admits many processes (its vectors live in the database)."""
     config = TyphonConfig(home=tmp_path, broker_url="redis://127.0.0.1:1/0")
     runtime = Runtime(config, notifier=object(), slots=object())  # type: ignore[arg-type]
     try:
-        assert runtime.memory is None
+        memory = runtime.memory
+        assert memory is not None and "hnsw" in memory.backend.name_detail  # type: ignore[attr-defined]
+        memory.close()
     finally:
         runtime.store.close()
 

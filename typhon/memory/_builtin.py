@@ -1,9 +1,9 @@
-"""The built-in memory backend: records in the run store's database (SQLite or PostgreSQL),
-vectors in Qdrant (local files under ``$TYPHON_HOME/qdrant``, or a server at ``qdrant_url``).
+"""The built-in memory backend: records and their vectors in the run store's database (SQLite or
+PostgreSQL), searched through a vector index (``typhon.memory._index``: an HNSW graph in each
+process by default, or a Qdrant server at ``memory.qdrant_url``).
 
-A record and its vector are written together: the row is inserted in a transaction that commits
-only after the vector is stored, and a vector whose row then fails to commit is deleted again, so
-neither is ever left without the other. Each vector collection is named after the embedding model
+A record and its vector are written in one transaction, so neither is ever left without the
+other. Each vector collection is named after the embedding model
 (``typhon_semantic_all-minilm-l6-v2-int8``); records remember their model, and records embedded
 by another model are re-embedded into the current collection on first use instead of mixing
 vector spaces.
@@ -12,7 +12,6 @@ vector spaces.
 from __future__ import annotations
 
 import re
-import threading
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from typhon.memory._index import Condition, HnswIndex, Match, Range, VectorIndex
 from typhon.memory._shared import as_utc, fold_episodes, now, perf_increments, perf_row
 from typhon.memory._types import (
     EpisodicMemory,
@@ -35,8 +35,6 @@ from typhon.memory._types import (
 from typhon.store import RunStore, memory_performance, memory_records, memory_working
 
 if TYPE_CHECKING:
-    from qdrant_client import QdrantClient, models
-
     from typhon.memory._embed import Embedder
 
 __all__ = ["BuiltinBackend"]
@@ -46,64 +44,6 @@ _REEMBED_BATCH = 64
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
-
-
-class _Vectors:
-    """The Qdrant side: one collection per tier and embedding model."""
-
-    def __init__(self, *, path: Path | None, url: str | None, backend: str):
-        self.path = path
-        self.url = url
-        self.backend = backend
-        self._client: QdrantClient | None = None
-        self._known: set[str] = set()
-        self._lock = threading.Lock()
-
-    @property
-    def client(self) -> QdrantClient:
-        with self._lock:
-            if self._client is None:
-                import warnings
-
-                from qdrant_client import QdrantClient
-
-                try:
-                    if self.url:
-                        self._client = QdrantClient(url=self.url, timeout=10)
-                    else:
-                        assert self.path is not None
-                        self.path.mkdir(parents=True, exist_ok=True)
-                        with warnings.catch_warnings():
-                            warnings.simplefilter("ignore")
-                            self._client = QdrantClient(path=str(self.path))
-                except Exception as exc:
-                    where = self.url or str(self.path)
-                    hint = "" if self.url else "; another process holds it: set memory.qdrant_url"
-                    raise MemoryBackendError(
-                        f"cannot open the vector index at {where}: {exc}{hint}",
-                        tier="semantic",
-                        backend=self.backend,
-                    ) from None
-            return self._client
-
-    def ensure(self, name: str, dim: int) -> None:
-        if name in self._known:
-            return
-        from qdrant_client import models
-
-        client = self.client
-        if not client.collection_exists(name):
-            client.create_collection(
-                name, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE)
-            )
-        self._known.add(name)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
-            self._known.clear()
 
 
 class _Searchable:
@@ -138,7 +78,6 @@ class _Searchable:
 
     def _ready(self) -> None:
         self.backend.store.migrate_once()
-        self.backend.vectors.ensure(self._name, self.backend.embedder.dim)
         if not self._checked_model:
             self._reembed_other_models()
             self._checked_model = True
@@ -184,11 +123,7 @@ class _Searchable:
         return rec
 
     def _write(self, records: Sequence[MemoryRecord], vectors: Sequence[list[float]]) -> None:
-        """Rows and vectors together: rows commit only after the vectors are stored; vectors
-        whose rows fail to commit are removed."""
-        from qdrant_client import models
-
-        store, vectors_ = self.backend.store, self.backend.vectors
+        """Rows and vectors in one transaction."""
         rows = [
             {
                 "id": r.id, "tier": r.tier, "text": r.text, "created_at": r.created_at,
@@ -197,35 +132,26 @@ class _Searchable:
             }
             for r in records
         ]  # fmt: skip
-        points = [
-            models.PointStruct(id=r.id, vector=v, payload=self._payload(r))
-            for r, v in zip(records, vectors, strict=True)
-        ]
-        stored = False
         try:
-            with store.engine.begin() as conn:
+            with self.backend.store.engine.begin() as conn:
                 conn.execute(memory_records.insert(), rows)
-                try:
-                    vectors_.client.upsert(self._name, points=points, wait=True)
-                except MemoryBackendError:
-                    raise
-                except Exception as exc:
-                    raise self._error(f"the vector index refused the write: {exc}") from None
-                stored = True
+                self._index_call(
+                    "the vector index refused the write",
+                    lambda: self.backend.index.add(
+                        conn, self._name, [r.id for r in records], vectors,
+                        [self._payload(r) for r in records],
+                    ),
+                )  # fmt: skip
         except sa.exc.SQLAlchemyError as exc:
-            if stored:
-                self._delete_vectors([r.id for r in records])
             raise self._error(f"the database refused the write: {exc}".splitlines()[0]) from None
 
-    def _delete_vectors(self, ids: Sequence[str]) -> None:
-        from qdrant_client import models
-
+    def _index_call(self, what: str, call: Callable[[], Any]) -> Any:
         try:
-            self.backend.vectors.client.delete(
-                self._name, points_selector=models.PointIdsList(points=list(ids)), wait=True
-            )
+            return call()
+        except (MemoryBackendError, sa.exc.SQLAlchemyError):
+            raise
         except Exception as exc:
-            raise self._error(f"could not remove vectors {list(ids)}: {exc}") from None
+            raise self._error(f"{what}: {exc}") from None
 
     def forget(self, record_id: str) -> bool:
         self._ready()
@@ -236,7 +162,10 @@ class _Searchable:
                 )
             ).rowcount
             if deleted:
-                self._delete_vectors([record_id])
+                self._index_call(
+                    f"could not remove the vector of {record_id}",
+                    lambda: self.backend.index.remove(conn, self._name, [record_id]),
+                )
         return bool(deleted)
 
     def _enforce_budget(self) -> None:
@@ -272,29 +201,19 @@ class _Searchable:
             rows = [_record(r) for r in conn.execute(query).mappings()]
         return {r.id: r for r in rows if r.tier == self.tier}
 
-    def _filter(
-        self,
-        crew: str | None,
-        tags: Sequence[str],
-        kind: str | None,
-        since: datetime | None,
-    ) -> models.Filter | None:
-        from qdrant_client import models
-
-        must: list[Any] = []
+    @staticmethod
+    def _conditions(
+        crew: str | None, tags: Sequence[str], kind: str | None, since: datetime | None
+    ) -> list[Condition]:
+        conditions: list[Condition] = []
         if crew is not None:
-            must.append(models.FieldCondition(key="crew", match=models.MatchValue(value=crew)))
-        for tag in tags:
-            must.append(models.FieldCondition(key="tags", match=models.MatchValue(value=tag)))
+            conditions.append(Match("crew", crew))
+        conditions.extend(Match("tags", tag) for tag in tags)
         if kind is not None:
-            must.append(models.FieldCondition(key="kind", match=models.MatchValue(value=kind)))
+            conditions.append(Match("kind", kind))
         if since is not None:
-            must.append(
-                models.FieldCondition(
-                    key="created_at", range=models.Range(gte=as_utc(since).timestamp())
-                )
-            )
-        return models.Filter(must=must) if must else None
+            conditions.append(Range("created_at", gte=as_utc(since).timestamp()))
+        return conditions
 
     def search(
         self,
@@ -313,24 +232,19 @@ class _Searchable:
             return []
         self._ready()
         [vector] = self._embed([query])
-        try:
-            found = self.backend.vectors.client.query_points(
-                self._name,
-                query=vector,
-                limit=k,
-                query_filter=self._filter(crew, tags, kind, since),
-                score_threshold=min_score if min_score > 0 else None,
-            ).points
-        except MemoryBackendError:
-            raise
-        except Exception as exc:
-            raise self._error(f"search failed: {exc}") from None
-        rows = self._rows([str(p.id) for p in found])
+        found = self._index_call(
+            "search failed",
+            lambda: self.backend.index.query(
+                self._name, vector, k, self._conditions(crew, tags, kind, since),
+                min_score if min_score > 0 else None,
+            ),
+        )  # fmt: skip
+        rows = self._rows([pid for pid, _ in found])
         out = []
-        for point in found:
-            rec = rows.get(str(point.id))
+        for pid, score in found:
+            rec = rows.get(pid)
             if rec is not None:
-                out.append(_with_score(rec, float(point.score)))
+                out.append(_with_score(rec, score))
         return out
 
     def list(
@@ -371,8 +285,6 @@ class _Searchable:
     # -- model changes ---------------------------------------------------------------------------
     def _reembed_other_models(self) -> None:
         """Records embedded by another model go into this model's collection (re-embedded)."""
-        from qdrant_client import models
-
         c = memory_records.c
         model = self.backend.embedder.model
         self.backend.store.migrate_once()
@@ -383,21 +295,20 @@ class _Searchable:
                 .limit(_REEMBED_BATCH)
             )
             with self.backend.store.engine.connect() as conn:
-                batch = [_record(r) for r in conn.execute(query).mappings()]
-            if not batch:
+                rows = list(conn.execute(query).mappings())
+            if not rows:
                 return
+            batch = [_record(r) for r in rows]
             vectors = self._embed([r.text for r in batch])
-            points = [
-                models.PointStruct(id=r.id, vector=v, payload=self._payload(r))
-                for r, v in zip(batch, vectors, strict=True)
-            ]
-            self.backend.vectors.client.upsert(self._name, points=points, wait=True)
+            ids = [r.id for r in batch]
             with self.backend.store.engine.begin() as conn:
-                conn.execute(
-                    memory_records.update()
-                    .where(c.id.in_([r.id for r in batch]))
-                    .values(embed_model=model)
+                for old in {r["embed_model"] for r in rows if r["embed_model"]}:
+                    mine = [r["id"] for r in rows if r["embed_model"] == old]
+                    self.backend.index.remove(conn, f"typhon_{self.tier}_{_slug(old)}", mine)
+                self.backend.index.add(
+                    conn, self._name, ids, vectors, [self._payload(r) for r in batch]
                 )
+                conn.execute(memory_records.update().where(c.id.in_(ids)).values(embed_model=model))
 
 
 class _Episodic(_Searchable):
@@ -514,7 +425,7 @@ def _with_score(rec: MemoryRecord, score: float) -> MemoryRecord:
 
 
 class BuiltinBackend:
-    """The four tiers on the run store's database and a Qdrant index."""
+    """The four tiers on the run store's database and a vector index."""
 
     name = "builtin"
 
@@ -523,18 +434,16 @@ class BuiltinBackend:
         store: RunStore,
         embedder: Embedder,
         *,
-        qdrant_path: Path | None = None,
-        qdrant_url: str | None = None,
+        index: VectorIndex | None = None,
+        snapshot_dir: Path | None = None,
         max_record_chars: int = 20_000,
         max_records: dict[str, int] | None = None,
     ):
-        if qdrant_path is None and qdrant_url is None:
-            raise ValueError("give qdrant_path (local files) or qdrant_url (a Qdrant server)")
         self.store = store
         self.embedder = embedder
+        self.index: VectorIndex = index or HnswIndex(store, snapshot_dir)
         db = store.url.split("@")[-1].split("?")[0]
-        self.name_detail = f"builtin: {db} + qdrant at {qdrant_url or qdrant_path}"
-        self.vectors = _Vectors(path=qdrant_path, url=qdrant_url, backend=self.name_detail)
+        self.name_detail = f"builtin: {db} + {self.index.description}"
         self.max_record_chars = max_record_chars
         self.max_records = dict(max_records or {})
         self.working: WorkingMemory = _Working(self)
@@ -543,4 +452,4 @@ class BuiltinBackend:
         self.performance: ModelPerformanceMemory = _Performance(self)
 
     def close(self) -> None:
-        self.vectors.close()
+        self.index.close()

@@ -22,8 +22,9 @@ import sqlalchemy as sa
 
 from typhon._types import Usage
 from typhon.config import MemoryCacheSettings
-from typhon.memory._builtin import _slug, _Vectors
+from typhon.memory._builtin import _slug
 from typhon.memory._embed import Embedder
+from typhon.memory._index import Condition, Match, Range, VectorIndex
 from typhon.models._client import ChatResult, ChatStream, Message, ModelClient
 from typhon.store import RunStore, cache_counts, cache_entries
 
@@ -119,18 +120,18 @@ class CacheHit:
 
 
 class SemanticCache:
-    """Answers by meaning, on the run store's database and a Qdrant collection."""
+    """Answers by meaning, on the run store's database and a vector index."""
 
     def __init__(
         self,
         store: RunStore,
         embedder: Embedder,
-        vectors: _Vectors,
+        index: VectorIndex,
         settings: MemoryCacheSettings | None = None,
     ):
         self.store = store
         self.embedder = embedder
-        self.vectors = vectors
+        self.index = index
         self.settings = settings or MemoryCacheSettings()
         self._ready = False
 
@@ -141,23 +142,16 @@ class SemanticCache:
     def _prepare(self) -> None:
         if not self._ready:
             self.store.migrate_once()
-            self.vectors.ensure(self._name, self.embedder.dim)
             self._ready = True
 
-    def _filter(self, alias: str, prompt_version: str, context: str, now: float) -> Any:
-        from qdrant_client import models
-
-        def same(key: str, value: str) -> Any:
-            return models.FieldCondition(key=key, match=models.MatchValue(value=value))
-
-        return models.Filter(
-            must=[
-                same("alias", alias),
-                same("prompt_version", prompt_version),
-                same("context", context),
-                models.FieldCondition(key="expires_at", range=models.Range(gt=now)),
-            ]
-        )
+    @staticmethod
+    def _conditions(alias: str, prompt_version: str, context: str, now: float) -> list[Condition]:
+        return [
+            Match("alias", alias),
+            Match("prompt_version", prompt_version),
+            Match("context", context),
+            Range("expires_at", gt=now),
+        ]
 
     def cacheable(self, request: str) -> bool:
         """Requests longer than the embedding model reads are not cached: their ends would be
@@ -173,26 +167,24 @@ class SemanticCache:
         hit: CacheHit | None = None
         if self.cacheable(request):
             [vector] = self.embedder.embed([request])
-            found = self.vectors.client.query_points(
+            found = self.index.query(
                 self._name,
-                query=vector,
-                limit=5,
-                query_filter=self._filter(alias, prompt_version, context, time.time()),
-                score_threshold=self.settings.threshold,
-            ).points
+                vector,
+                5,
+                self._conditions(alias, prompt_version, context, time.time()),
+                self.settings.threshold,
+            )
             if found:
-                ids = [str(p.id) for p in found]
+                ids = [pid for pid, _ in found]
                 query = sa.select(cache_entries).where(cache_entries.c.id.in_(ids))
                 with self.store.engine.connect() as conn:
                     rows = {r["id"]: r for r in conn.execute(query).mappings()}
-                for point in found:
-                    row = rows.get(str(point.id))
+                for pid, score in found:
+                    row = rows.get(pid)
                     if row is None or row["expires_at"] <= time.time():
                         continue
                     if compatible(request, row["request"]):
-                        hit = CacheHit(
-                            row["id"], row["response"], float(point.score), row["request"]
-                        )
+                        hit = CacheHit(row["id"], row["response"], score, row["request"])
                         break
         self._count(alias, hit is not None, hit.id if hit else None)
         return hit
@@ -201,14 +193,16 @@ class SemanticCache:
         self, alias: str, prompt_version: str, request: str, response: str, context: str = ""
     ) -> str | None:
         """Keep an answer; None when the request is not cacheable."""
-        from qdrant_client import models
-
         if not self.cacheable(request):
             return None
         self._prepare()
         [vector] = self.embedder.embed([request])
         entry_id = str(uuid.uuid4())
         expires = time.time() + self.settings.ttl_s
+        payload = {
+            "alias": alias, "prompt_version": prompt_version, "context": context,
+            "expires_at": expires,
+        }  # fmt: skip
         with self.store.engine.begin() as conn:
             conn.execute(
                 cache_entries.insert().values(
@@ -216,22 +210,7 @@ class SemanticCache:
                     response=response, created_at=datetime.now(UTC), expires_at=expires,
                 )
             )  # fmt: skip
-            self.vectors.client.upsert(
-                self._name,
-                points=[
-                    models.PointStruct(
-                        id=entry_id,
-                        vector=vector,
-                        payload={
-                            "alias": alias,
-                            "prompt_version": prompt_version,
-                            "context": context,
-                            "expires_at": expires,
-                        },
-                    )
-                ],
-                wait=True,
-            )
+            self.index.add(conn, self._name, [entry_id], [vector], [payload])
         self._trim()
         return entry_id
 
@@ -241,72 +220,35 @@ class SemanticCache:
             count = int(
                 conn.execute(sa.select(sa.func.count()).select_from(cache_entries)).scalar_one()
             )
-            over = count - self.settings.max_entries
-            if over <= 0:
-                return
-            ids = [
-                r[0]
-                for r in conn.execute(
-                    sa.select(cache_entries.c.id)
-                    .order_by(cache_entries.c.created_at, cache_entries.c.id)
-                    .limit(over)
-                )
-            ]
-        self._delete(ids)
+        over = count - self.settings.max_entries
+        if over > 0:
+            self._delete(
+                sa.select(cache_entries.c.id)
+                .order_by(cache_entries.c.created_at, cache_entries.c.id)
+                .limit(over)
+            )
 
-    def _delete(self, ids: list[str]) -> None:
-        from qdrant_client import models
-
+    def _delete(self, ids_query: sa.Select[Any]) -> int:
+        """Delete the entries the query selects, with their vectors, in one transaction."""
         with self.store.engine.begin() as conn:
+            ids = [r[0] for r in conn.execute(ids_query)]
+            if not ids:
+                return 0
             conn.execute(cache_entries.delete().where(cache_entries.c.id.in_(ids)))
-        self.vectors.client.delete(
-            self._name, points_selector=models.PointIdsList(points=list(ids)), wait=True
-        )
+            self.index.remove(conn, self._name, ids)
+        return len(ids)
 
     def retire(self, prompt_version: str) -> int:
         """Delete every entry of a retired prompt version."""
-        from qdrant_client import models
-
         self._prepare()
-        with self.store.engine.begin() as conn:
-            gone = conn.execute(
-                cache_entries.delete().where(cache_entries.c.prompt_version == prompt_version)
-            ).rowcount
-        self.vectors.client.delete(
-            self._name,
-            points_selector=models.FilterSelector(
-                filter=models.Filter(
-                    must=[
-                        models.FieldCondition(
-                            key="prompt_version", match=models.MatchValue(value=prompt_version)
-                        )
-                    ]
-                )
-            ),
-            wait=True,
-        )
-        return int(gone)
+        c = cache_entries.c
+        return self._delete(sa.select(c.id).where(c.prompt_version == prompt_version))
 
     def expire(self) -> int:
         """Delete expired entries (their vectors too)."""
-        from qdrant_client import models
-
         self._prepare()
-        now = time.time()
-        with self.store.engine.begin() as conn:
-            gone = conn.execute(
-                cache_entries.delete().where(cache_entries.c.expires_at <= now)
-            ).rowcount
-        self.vectors.client.delete(
-            self._name,
-            points_selector=models.FilterSelector(
-                filter=models.Filter(
-                    must=[models.FieldCondition(key="expires_at", range=models.Range(lte=now))]
-                )
-            ),
-            wait=True,
-        )
-        return int(gone)
+        c = cache_entries.c
+        return self._delete(sa.select(c.id).where(c.expires_at <= time.time()))
 
     def _count(self, alias: str, hit: bool, entry_id: str | None) -> None:
         self.store.add_to_totals(

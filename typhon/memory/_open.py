@@ -73,6 +73,7 @@ def open_memory(
     from typhon.memory._builtin import BuiltinBackend
     from typhon.memory._cache import SemanticCache
     from typhon.memory._embed import EndpointEmbedder, default_embedder
+    from typhon.memory._index import HnswIndex, QdrantIndex, VectorIndex
 
     settings = config.memory
     closers: list[Any] = []
@@ -86,12 +87,15 @@ def open_memory(
         endpoint = EndpointEmbedder(registry, settings.embeddings)
         closers.append(endpoint.close)
         embedder = endpoint
-    qdrant_path = None if settings.qdrant_url else config.home / "qdrant"
+    index: VectorIndex
+    if settings.qdrant_url:
+        index = QdrantIndex(url=settings.qdrant_url)
+    else:
+        index = HnswIndex(store, config.home / "vectors")
     builtin = BuiltinBackend(
         store,
         embedder,
-        qdrant_path=qdrant_path,
-        qdrant_url=settings.qdrant_url,
+        index=index,
         max_record_chars=settings.max_record_chars,
         max_records=settings.max_records,
     )
@@ -99,7 +103,7 @@ def open_memory(
     if settings.backend == "letta":
         backend = _letta(config, embedder, models)
         closers.append(builtin.close)  # the semantic cache stays on the built-in index
-    cache = SemanticCache(store, embedder, builtin.vectors, settings.cache)
+    cache = SemanticCache(store, embedder, builtin.index, settings.cache)
     return Memory(backend, embedder, cache if settings.cache.enabled else None, closers)
 
 
