@@ -1,30 +1,30 @@
 """Memory recall: ``BuiltinBackend.semantic.search`` at 10k and 100k records, embedding excluded.
 
-The backend is the built-in one as Typhon runs it: records in a SQLite run store, vectors in
-Qdrant's local mode (files in a temporary folder). ``--base`` sentences (default 2,000, from a
+The backend is the built-in one as Typhon runs it: records and their vectors in a SQLite run
+store, searched by this process's HNSW graph (faiss). ``--base`` sentences (default 2,000, from a
 fixed seed) and ``--queries`` questions are embedded with all-MiniLM-L6-v2 once; the collection's
 other vectors are small random perturbations of the base vectors (re-normalised; cosine about 0.9
 to their base), so that building 100k records takes a minute instead of the model's eight. Rows
-go into ``memory_records`` by SQLAlchemy bulk inserts, points into Qdrant by upsert batches of
-5,000 with the payload the backend writes (crew, run_id, tags, kind, created_at); ``--crews``
-crews (default 10) take turns, so a crew filter keeps a tenth of the records.
+go into ``memory_records`` and ``memory_vectors`` by SQLAlchemy bulk inserts with the payload the
+backend writes (crew, run_id, tags, kind, created_at); ``--crews`` crews (default 10) take turns,
+so a crew filter keeps a tenth of the records. The graph catches up with the table on the first
+search after each size step (timed and printed).
 
 The backend searches through an embedder that returns the precomputed vector of a known text (a
 dict look-up, timed and printed), so the figures are what ``search()`` costs after embedding: the
-Qdrant query, the row fetch from the database and the rest. Each size is timed over the query
-texts (``--queries``, default 50; with a crew filter ``--filtered``, default 20) after three
-warm-up calls, split into the index query and the row fetch by timing wrappers around both. For
-comparison, the same queries as one numpy matmul over the same float32 vectors (exact top-k,
-argpartition), with the crew filter as a mask, with and without the row fetch, how many of
-Qdrant's top-k ids it returns, and the same rows fetched by primary key alone (``_rows()`` adds
-``tier = ?``, and SQLite then plans the query on the tier index). The load averages are printed
-at the start and the end: other work on the machine skews every figure.
+index query (including its check for rows other processes wrote), the row fetch from the
+database and the rest. Each size is timed over the query texts (``--queries``, default 50; with a
+crew filter ``--filtered``, default 20) after three warm-up calls, split into the index query and
+the row fetch by timing wrappers around both. For comparison, the same queries as one numpy
+matmul over the same float32 vectors (exact top-k, argpartition), with the crew filter as a mask,
+with and without the row fetch, how many of the index's top-k ids it returns (the HNSW graph's
+recall), and the same rows fetched by primary key alone. The load averages are printed at the
+start and the end: other work on the machine skews every figure.
 
 Ingest: ``semantic.add()`` one record at a time into a fresh backend (``--add`` records, default
-100), with MiniLM and with precomputed vectors (the store and index part); the upsert batches of
-the build (Qdrant's local storage commits each point; past the first ``--sizes`` step the build
-turns its SQLite file's ``synchronous`` off, which only makes the build faster); and the bulk row
-inserts.
+100), with MiniLM and with precomputed vectors (the store and index part); the bulk inserts of
+the build; and what a new process pays for its first search at the largest size, from the
+graph's snapshot and building the graph from the table.
 
 Usage::
 
@@ -41,12 +41,12 @@ import argparse
 import os
 import platform
 import random
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -58,11 +58,10 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
-from qdrant_client import models  # noqa: E402
 
 from typhon.memory._builtin import BuiltinBackend  # noqa: E402
 from typhon.memory._embed import MINILM_DIM, MINILM_MODEL_ID, MiniLMEmbedder  # noqa: E402
-from typhon.store import RunStore, memory_records  # noqa: E402
+from typhon.store import RunStore, memory_records, memory_vectors  # noqa: E402
 
 TARGET_P50_MS = 5.0
 SEED = 20240611
@@ -218,7 +217,7 @@ def payload(crew: str, created: datetime) -> dict[str, Any]:
 
 
 class Corpus:
-    """The records of the main backend: rows, Qdrant points and the same vectors in numpy."""
+    """The records of the main backend: rows, their vectors, and the same vectors in numpy."""
 
     def __init__(
         self, backend: BuiltinBackend, base_texts: list[str], base: np.ndarray, crews: int
@@ -232,13 +231,12 @@ class Corpus:
         self.crew_codes = np.empty(0, dtype=np.int16)
         self.ids: list[str] = []
         self.t0 = datetime.now(UTC)
-        self.upsert_s = {"default": [0.0, 0], "fast": [0.0, 0]}
         self.insert_s = [0.0, 0]
 
-    def grow(self, size: int, mode: str) -> None:
-        """Add records until there are ``size``, in batches of BATCH rows and points."""
-        name = self.backend.semantic._name
-        client = self.backend.vectors.client
+    def grow(self, size: int) -> None:
+        """Add records until there are ``size``, in batches of BATCH rows with their vectors
+        (as ``semantic.add()`` writes them, in bulk)."""
+        name = self.backend.semantic._name  # type: ignore[attr-defined]
         parts = [self.matrix]
         codes = [self.crew_codes]
         while len(self.ids) < size:
@@ -265,19 +263,17 @@ class Corpus:
                     }
                 )  # fmt: skip
                 points.append(
-                    models.PointStruct(
-                        id=record_id, vector=vectors[j].tolist(), payload=payload(crew, created)
-                    )
-                )
+                    {
+                        "collection": name, "point_id": record_id, "op": "add", "at": time.time(),
+                        "vector": vectors[j].tobytes(), "payload": payload(crew, created),
+                    }
+                )  # fmt: skip
             t0 = time.perf_counter()
             with self.backend.store.engine.begin() as conn:
                 conn.execute(memory_records.insert(), rows)
+                conn.execute(memory_vectors.insert(), points)
             self.insert_s[0] += time.perf_counter() - t0
             self.insert_s[1] += count
-            t0 = time.perf_counter()
-            client.upsert(name, points=points, wait=True)
-            self.upsert_s[mode][0] += time.perf_counter() - t0
-            self.upsert_s[mode][1] += count
             self.ids.extend(ids)
             parts.append(vectors)
             codes.append(crew_codes)
@@ -285,23 +281,10 @@ class Corpus:
         self.crew_codes = np.concatenate(codes)
 
 
-def fast_local_storage(backend: BuiltinBackend) -> bool:
-    """Turn off fsync on Qdrant local mode's SQLite file of the semantic collection (build only).
-    False when this qdrant-client keeps it elsewhere."""
-    try:
-        local = backend.vectors.client._client
-        storage = local.collections[backend.semantic._name].storage.storage
-        storage.execute("PRAGMA synchronous=OFF")
-        storage.execute("PRAGMA journal_mode=MEMORY")
-    except Exception:
-        return False
-    return True
-
-
 def time_add(tmp: Path, embedder: Any, texts: list[str], label: str) -> None:
     """``semantic.add()`` one record at a time into a fresh backend."""
     store = RunStore(f"sqlite:///{tmp / f'add-{label}.db'}")
-    backend = BuiltinBackend(store, embedder, qdrant_path=tmp / f"qdrant-add-{label}")
+    backend = BuiltinBackend(store, embedder)
     try:
         backend.semantic.add("warm-up record", crew="crew-0", kind="fact")
         samples = []
@@ -328,14 +311,14 @@ def measure(
     """Time search() and the numpy flat search at the corpus's current size."""
     backend, semantic = corpus.backend, corpus.backend.semantic
     size = len(corpus.ids)
-    client = backend.vectors.client
-    timed_query = Timed(client.query_points)
-    timed_rows = Timed(semantic._rows)
-    client.query_points = timed_query  # type: ignore[method-assign]
-    semantic._rows = timed_rows  # type: ignore[method-assign]
+    index = backend.index
+    timed_query = Timed(index.query)
+    timed_rows = Timed(semantic._rows)  # type: ignore[attr-defined]
+    index.query = timed_query  # type: ignore[method-assign]
+    semantic._rows = timed_rows  # type: ignore[attr-defined]
     embed_ns = backend.embedder.ns  # type: ignore[attr-defined]
     results: dict[str, float] = {}
-    qdrant_top: dict[tuple[str, str | None], list[str]] = {}
+    index_top: dict[tuple[str, str | None], list[str]] = {}
     try:
         for crew, n in ((None, args.queries), ("crew-3", args.filtered)):
             picked = queries[:n]
@@ -349,12 +332,12 @@ def measure(
                 t0 = time.perf_counter_ns()
                 found = semantic.search(q, k=args.k, crew=crew)
                 total.append(time.perf_counter_ns() - t0)
-                qdrant_top[(q, crew)] = [r.id for r in found]
+                index_top[(q, crew)] = [r.id for r in found]
                 assert len(found) == args.k
                 assert crew is None or all(r.crew == crew for r in found)
             label = "search()" if crew is None else f"search(crew=) 1/{args.crews}"
             results[label] = row(label, size, total)
-            row("  index query (Qdrant local)", size, timed_query.ns)
+            row("  index query (HNSW)", size, timed_query.ns)
             row("  row fetch (database)", size, timed_rows.ns)
             rest = [
                 t - a - b - e
@@ -367,8 +350,8 @@ def measure(
                 f"embed look-up p50 {np.median(embed_ns) / 1e3:.1f} µs",
             )
     finally:
-        del client.query_points
-        del semantic._rows
+        del index.query
+        del semantic._rows  # type: ignore[attr-defined]
 
     matrix, codes = corpus.matrix, corpus.crew_codes
     ids = corpus.ids
@@ -405,11 +388,11 @@ def measure(
                     by_id_ns.append(t3 - t2)
                     flat_ns.append(t1 - t0)
                     with_rows_ns.append(t2 - t0)
-                    want = set(qdrant_top[(q, crew)])
+                    want = set(index_top[(q, crew)])
                     overlap.append(len(want & set(top_ids)) / args.k)
                 assert len(fetched) == args.k
         suffix = "" if crew is None else ", crew mask"
-        agree = f"top-{args.k} ids shared with Qdrant {statistics.fmean(overlap):.0%}"
+        agree = f"top-{args.k} ids shared with the index {statistics.fmean(overlap):.0%}"
         results[f"numpy{suffix}"] = row(
             f"numpy exact (matmul + top-k){suffix}", size, flat_ns, agree
         )
@@ -431,7 +414,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--crews", type=int, default=10, help="crews taking turns over the records")
     args = p.parse_args(argv)
     sizes = sorted(int(s) for s in args.sizes.split(","))
-    warnings.filterwarnings("ignore", message=".*Local mode is not recommended.*")
 
     rng = random.Random(SEED)
     base_texts = make_sentences(args.base, rng)
@@ -456,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"memory recall: BuiltinBackend.semantic.search(k={args.k}), embedding excluded;"
-        f" SQLite run store + Qdrant local mode (qdrant-client {version('qdrant-client')}),"
+        f" SQLite run store + HNSW (faiss-cpu {version('faiss-cpu')}, M 32, efSearch 64),"
         f" Python {platform.python_version()}, numpy {np.__version__}, {os.cpu_count()} CPUs"
     )
     print(
@@ -474,42 +456,58 @@ def main(argv: list[str] | None = None) -> int:
         time_add(tmp, PrecomputedEmbedder(table), add_texts[args.add :], "precomputed vectors")
 
         store = RunStore(f"sqlite:///{tmp / 'memory.db'}")
-        backend = BuiltinBackend(store, PrecomputedEmbedder(table), qdrant_path=tmp / "qdrant")
+        snapshots = tmp / "vectors"
+        backend = BuiltinBackend(store, PrecomputedEmbedder(table), snapshot_dir=snapshots)
         semantic = backend.semantic
-        semantic._ready()
+        semantic._ready()  # type: ignore[attr-defined]
+        name = semantic._name  # type: ignore[attr-defined]
         corpus = Corpus(backend, base_texts, base, args.crews)
         cos = np.sum(corpus.base[:200] * corpus.base[:200], axis=1)  # sanity: unit vectors
         assert np.allclose(cos, 1.0, atol=1e-3)
         header = f"{'[ms]':<40}{'records':>8}{'calls':>7}{'p50':>10}{'p99':>10}{'mean':>10}"
         by_size: dict[int, dict[str, float]] = {}
-        fast = False
-        for n, size in enumerate(sizes):
+        for size in sizes:
             t0 = time.perf_counter()
-            corpus.grow(size, "fast" if fast else "default")
-            build_s = time.perf_counter() - t0
-            if n == 0:
-                fast = fast_local_storage(backend)
+            corpus.grow(size)
+            insert_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            assert backend.index.count(name, MINILM_DIM) == size  # type: ignore[attr-defined]
+            graph_s = time.perf_counter() - t0
             assert semantic.count() == size
-            print(f"\n{size} records (built in {build_s:.0f} s)")
+            print(
+                f"\n{size} records (rows and vectors inserted in {insert_s:.0f} s; this process's"
+                f" graph caught up with the table in {graph_s:.1f} s)"
+            )
             print(header)
             print("-" * len(header))
             by_size[size] = measure(corpus, queries, qvecs, args)
 
-        print("\nbuild (bulk paths)")
-        for mode, (secs, count) in corpus.upsert_s.items():
-            if count:
-                how = (
-                    "Qdrant upsert, batches of 5000 (a commit per point)"
-                    if mode == "default"
-                    else "Qdrant upsert, batches of 5000, storage fsync off"
-                )
-                print(f"  {how:<58}{count:>7} points {count / secs:>8.0f} points/s")
+        print("\nbuild")
         secs, count = corpus.insert_s
         print(
-            f"  {'database bulk insert (memory_records), batches of 5000':<58}{count:>7} rows "
-            f"  {count / secs:>8.0f} rows/s"
+            f"  {'database bulk insert (records + vectors), batches of 5000':<58}{count:>7} rows"
+            f"   {count / secs:>8.0f} rows/s"
         )
-        backend.close()
+        t0 = time.perf_counter()
+        backend.close()  # writes the snapshot
+        save_s = time.perf_counter() - t0
+        size_mb = sum(f.stat().st_size for f in snapshots.iterdir()) / 1e6
+        other = BuiltinBackend(store, PrecomputedEmbedder(table), snapshot_dir=snapshots)
+        t0 = time.perf_counter()
+        other.semantic.search(queries[0], k=args.k)
+        load_snap_s = time.perf_counter() - t0
+        other.index.close()
+        shutil.rmtree(snapshots)
+        other = BuiltinBackend(store, PrecomputedEmbedder(table), snapshot_dir=None)
+        t0 = time.perf_counter()
+        other.semantic.search(queries[0], k=args.k)
+        cold_s = time.perf_counter() - t0
+        other.close()
+        print(
+            f"  a new process's first search at {len(corpus.ids)} records: {load_snap_s:.1f} s"
+            f" from the snapshot ({size_mb:.0f} MB, written in {save_s:.1f} s),"
+            f" {cold_s:.1f} s building the graph from the table"
+        )
         store.close()
 
     with open("/proc/self/status") as f:
