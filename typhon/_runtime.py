@@ -28,6 +28,7 @@ from typhon.errors import (
     ModelError,
     ModelUnavailableError,
     RunCancelled,
+    RunWaiting,
     TyphonError,
 )
 from typhon.memory import Memory, open_memory
@@ -314,10 +315,15 @@ def execute_run(runtime: Runtime, run_id: str, pool_name: str | None = None) -> 
 def _run(runtime: Runtime, record: RunRecord) -> RunStatus:
     settings = runtime.config.crew_settings(record.crew)
     guard = _Guard(runtime.store, record.id, record.attempts, settings.timeout_s)
+    outcome = RunStatus.FAILED
     try:
         recorded, outcome = _run_with_retries(runtime, record, guard, settings)
     finally:
-        _forget_working(runtime, record.id)
+        if outcome is not RunStatus.WAITING:  # a waiting run keeps its working memory
+            _forget_working(runtime, record.id)
+    if outcome is RunStatus.WAITING and recorded:
+        log.info("run waiting", status=outcome.value)
+        return outcome
     if not recorded:
         outcome = runtime.store.status(record.id)
         log.info("outcome ignored: run already finished or taken back", status=outcome.value)
@@ -387,16 +393,31 @@ def _run_with_retries(
 ) -> tuple[bool, RunStatus]:
     """Run the crew; after a transient model error, run it again (exponential backoff)."""
     store, run_id, max_retries = runtime.store, record.id, settings.max_retries
+    contexts: list[RunContext] = []
+
+    def kept() -> list[str]:
+        """What the crew kept before it stopped (a failed run keeps its artifacts too)."""
+        return _write_artifacts(
+            runtime.artifacts_root, run_id, contexts[-1].artifacts if contexts else {}
+        )
+
     for retry in range(max_retries + 1):
         try:
-            output = _attempt(runtime, record, record.model, guard)
+            output = _attempt(runtime, record, record.model, guard, contexts)
         except RunCancelled:
             return False, RunStatus.CANCELLED
+        except RunWaiting as exc:
+            waiting = store.wait(
+                run_id, reason=exc.reason, attempt=record.attempts, artifacts=kept()
+            )
+            log.info("run waits", reason=exc.reason)
+            return waiting, RunStatus.WAITING
         except ModelUnavailableError as exc:
             if retry == max_retries or guard.expired:
                 failed = store.finish(
-                    run_id, RunStatus.FAILED, error=str(exc), attempt=record.attempts
-                )
+                    run_id, RunStatus.FAILED, error=str(exc), attempt=record.attempts,
+                    artifacts=kept(),
+                )  # fmt: skip
                 return failed, RunStatus.FAILED
             delay = min(settings.retry_backoff_s * 2.0**retry, 60.0)
             store.add_event(
@@ -410,9 +431,10 @@ def _run_with_retries(
             if not isinstance(exc, TyphonError):
                 log.error("crew raised", error=repr(exc), traceback=traceback.format_exc())
             error = _describe(exc, guard)
-            return store.finish(run_id, RunStatus.FAILED, error=error, attempt=record.attempts), (
-                RunStatus.FAILED
+            failed = store.finish(
+                run_id, RunStatus.FAILED, error=error, attempt=record.attempts, artifacts=kept()
             )
+            return failed, RunStatus.FAILED
         artifacts = _write_artifacts(runtime.artifacts_root, run_id, output.artifacts)
         done = store.finish(
             run_id, RunStatus.SUCCEEDED, output=output.text, artifacts=artifacts,
@@ -442,7 +464,13 @@ def _sleep_unless_stopped(guard: _Guard, seconds: float) -> bool:
     return True
 
 
-def _attempt(runtime: Runtime, record: RunRecord, alias: str | None, guard: _Guard) -> CrewOutput:
+def _attempt(
+    runtime: Runtime,
+    record: RunRecord,
+    alias: str | None,
+    guard: _Guard,
+    contexts: list[RunContext],
+) -> CrewOutput:
     crew_cls = runtime.registry.get(record.crew)
     if alias is None:  # recorded without a route (an older version): route it now
         alias = runtime.router.route(record.input, category=crew_cls.category).model
@@ -459,6 +487,7 @@ def _attempt(runtime: Runtime, record: RunRecord, alias: str | None, guard: _Gua
         guard=guard,
         memory=_memory_for(runtime, record),
     )
+    contexts.append(ctx)
     log.info("run started", model=alias, attempt=record.attempts)
     result = crew_cls().run(ctx)
     output = result if isinstance(result, CrewOutput) else CrewOutput(str(result))

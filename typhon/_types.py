@@ -25,6 +25,7 @@ MAX_INPUT_CHARS = 20_000
 class RunStatus(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
+    WAITING = "waiting"  # for a person (approval): holds no worker slot
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"

@@ -107,10 +107,12 @@ def _follow(typhon: Typhon, handle: RunHandle, crew: str, timeout: float | None)
             for event in typhon.store.events(handle.run_id, after=last_event):
                 last_event = event.seq
                 step = str(event.data.get("name", event.kind))
+                if event.data.get("phase"):  # a graph node's start or end
+                    step += f" ({event.data['phase']})"
             record = typhon.store.get(handle.run_id)
             elapsed = time.monotonic() - started
             status.update(f"[bold]{crew}[/] · {step} · {elapsed:0.0f}s  [dim]{handle.run_id}[/]")
-            if record.status.finished:
+            if record.status.finished or record.status.value == "waiting":
                 return record
             if timeout is not None and elapsed > timeout:
                 return handle.wait(0)
@@ -133,11 +135,25 @@ def run(
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Do not answer from the semantic cache.")
     ] = False,
+    repo: Annotated[
+        Path | None,
+        typer.Option("--repo", help="Repository the development crew works on (copied)."),
+    ] = None,
+    approval: Annotated[
+        bool, typer.Option("--approval", help="Wait for `typhon approve` before the result.")
+    ] = False,
 ) -> None:
-    """Run a crew and wait for its result (exit 0 only when it succeeded)."""
+    """Run a crew and wait for its result (exit 0 only when it succeeded; 3 when it waits
+    for approval)."""
     options: dict[str, Any] = {}
     if no_cache:
         options["no_cache"] = True
+    if repo is not None:
+        if not repo.is_dir():
+            _fail(f"--repo {repo} is not a folder; give the repository's folder", 2)
+        options["repo"] = str(repo.resolve())
+    if approval:
+        options["approval"] = True
     if docs is not None:
         if not docs.is_dir():
             _fail(f"--docs {docs} is not a folder; give a folder of text, Markdown or PDF files", 2)
@@ -162,9 +178,55 @@ def run(
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(130)
+    _end(record, as_json)
+
+
+def _end(record: RunRecord, as_json: bool) -> None:
+    """Print a run's result; exit 0 when it succeeded, 3 when it waits, else 1."""
     _print_record(record, as_json)
+    if record.status.value == "waiting":
+        typer.echo(
+            f"run {record.id} waits for approval: `typhon approve {record.id}` or"
+            f" `typhon reject {record.id} --note TEXT`",
+            err=True,
+        )
+        raise typer.Exit(3)
     if record.status.value != "succeeded":
         raise typer.Exit(1)
+
+
+def _answer(run_id: str, decision: str, note: str, as_json: bool, no_wait: bool) -> None:
+    by = os.environ.get("USER", "")
+    with _typhon() as typhon:
+        answer = typhon.approve if decision == "approved" else typhon.reject
+        handle = answer(run_id, note=note, by=by)
+        if no_wait and not typhon.embedded:
+            typer.echo(handle.run_id)
+            return
+        record = _follow(typhon, handle, typhon.store.get(run_id).crew, None)
+    _end(record, as_json)
+
+
+@app.command()
+def approve(
+    run_id: str,
+    note: Annotated[str, typer.Option("--note", help="A note kept with the decision.")] = "",
+    as_json: JsonOpt = False,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once resumed.")] = False,
+) -> None:
+    """Approve a run that waits for approval; it goes on to its result."""
+    _answer(run_id, "approved", note, as_json, no_wait)
+
+
+@app.command()
+def reject(
+    run_id: str,
+    note: Annotated[str, typer.Option("--note", help="What to change.")] = "",
+    as_json: JsonOpt = False,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once resumed.")] = False,
+) -> None:
+    """Reject a waiting run with a note; it revises while its budget lasts, else fails."""
+    _answer(run_id, "rejected", note, as_json, no_wait)
 
 
 @app.command()

@@ -429,6 +429,64 @@ class MemoryConfig(_Strict):
         return self
 
 
+class CreativeConfig(_Strict):
+    """The Creative crew's services: ComfyUI (``comfyui_url``, e.g. port 8188) renders the
+    images, an OpenAI-compatible speech server (``tts_url``; the seed runs Kokoro on 8880)
+    speaks the lines. ``checkpoint`` is the model file the shipped workflow templates load;
+    ``templates_dir`` adds templates of your own."""
+
+    comfyui_url: str | None = None
+    tts_url: str | None = None
+    tts_model: str = "kokoro"
+    tts_voice: str = "af_bella"
+    tts_format: Literal["mp3", "wav", "opus", "flac", "aac", "pcm"] = "mp3"
+    checkpoint: str = "sd_xl_base_1.0.safetensors"
+    timeout_s: float = Field(default=600, gt=0)
+    poll_interval_s: float = Field(default=0.5, gt=0)
+    templates_dir: Path | None = None
+
+    @field_validator("comfyui_url", "tts_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        return _check_url(v, ("http", "https"))
+
+
+class MonitoringConfig(_Strict):
+    """The Monitoring crew's checks, run from beat every ``interval_s``: the seed's alerts."""
+
+    enabled: bool = True
+    interval_s: float = Field(default=60, gt=0)
+    vram_percent: float = Field(default=95, gt=0, le=100)
+    gpu_temp_c: float = Field(default=80, gt=0)
+    failure_rate: float = Field(default=0.20, gt=0, le=1)
+    failure_window_s: float = Field(default=3600, gt=0)
+    min_runs: int = Field(default=5, ge=1)
+    storage_percent: float = Field(default=95, gt=0, le=100)
+
+
+class SandboxSettings(_Strict):
+    """Limits for generated code under test: CPU seconds, memory, wall time, file size."""
+
+    cpu_s: int = Field(default=60, ge=1)
+    memory_mb: int = Field(default=1024, ge=64)
+    wall_s: float = Field(default=120, gt=0)
+    file_mb: int = Field(default=64, ge=1)
+
+
+class DevelopmentConfig(_Strict):
+    """The Development crew's loop: at most ``max_iterations`` implement-test-review rounds,
+    ``max_tokens`` model tokens and ``max_seconds`` in all; ``test_command`` runs in the sandbox
+    (default: pytest when the workspace has tests, else each Python file is compiled);
+    ``approval`` asks a person before the result is final."""
+
+    max_iterations: int = Field(default=3, ge=1, le=20)
+    max_tokens: int = Field(default=20_000, ge=100)
+    max_seconds: float = Field(default=900, gt=0)
+    test_command: list[str] | None = None
+    approval: bool = False
+    sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
+
+
 class TyphonConfig(_Strict):
     """The effective configuration. ``source`` is the file it came from (None: defaults only)."""
 
@@ -447,6 +505,9 @@ class TyphonConfig(_Strict):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     nodes: list[NodeConfig] = Field(default_factory=list)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    creative: CreativeConfig = Field(default_factory=CreativeConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+    development: DevelopmentConfig = Field(default_factory=DevelopmentConfig)
     source: str | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -89,6 +89,18 @@ class RunContext:
         self.store.add_event(self.run_id, "step", {"name": name, **data})
         self.log.info("step", step=name, **data)
 
+    def approval(self) -> dict[str, Any] | None:
+        """The person's answer after this run waited for approval: ``{"decision": "approved"
+        | "rejected", "note": ..., "by": ...}`` from the latest approve/reject; None if none
+        came since the run last started waiting."""
+        answer: dict[str, Any] | None = None
+        for event in self.store.events(self.run_id):
+            if event.kind == "waiting":
+                answer = None
+            elif event.kind in ("approved", "rejected"):
+                answer = {"decision": event.kind, **event.data}
+        return answer
+
     def add_artifact(self, name: str, content: str | bytes) -> None:
         """Keep a file with the run, written under ``$TYPHON_HOME/artifacts/RUN_ID/`` at the end."""
         if not _SAFE_NAME.match(name):

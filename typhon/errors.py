@@ -154,3 +154,13 @@ class RunCancelled(Exception):
     def __init__(self, run_id: str):
         self.run_id = run_id
         super().__init__(f"run {run_id} was cancelled")
+
+
+class RunWaiting(Exception):
+    """Raised by a crew to stop and wait for a person (``reason``: ``approval``); the run is
+    recorded as waiting and gives its worker slot back until it is approved or rejected."""
+
+    def __init__(self, run_id: str, reason: str = "approval"):
+        self.run_id = run_id
+        self.reason = reason
+        super().__init__(f"run {run_id} waits for {reason}")

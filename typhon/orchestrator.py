@@ -134,7 +134,8 @@ class RunHandle:
         return self._typhon.cancel(self.run_id)
 
     def wait(self, timeout: float | None = None, *, poll_s: float = 0.5) -> RunRecord:
-        """Block until the run finishes; RunTimeoutError after ``timeout`` seconds.
+        """Block until the run finishes or waits for a person; RunTimeoutError after
+        ``timeout`` seconds.
 
         Wakes on the run's finished notification; ``poll_s`` is only the fallback interval at
         which the store is read again in case a notification was lost."""
@@ -143,7 +144,7 @@ class RunHandle:
         with self._typhon.runtime.notifier.subscribe(self.run_id) as subscription:
             while True:
                 record = store.get(self.run_id)
-                if record.status.finished:
+                if record.status.finished or record.status is RunStatus.WAITING:
                     return record
                 left = poll_s if deadline is None else min(poll_s, deadline - time.monotonic())
                 if left <= 0:
@@ -283,8 +284,32 @@ class Typhon:
             },
         }
 
+    def approve(self, run_id: str, *, note: str = "", by: str = "") -> RunHandle:
+        """Let a run that waits for approval go on to its result."""
+        return self._answer(run_id, "approved", note, by)
+
+    def reject(self, run_id: str, *, note: str = "", by: str = "") -> RunHandle:
+        """Send a waiting run back with a note (it revises while its budget lasts)."""
+        return self._answer(run_id, "rejected", note, by)
+
+    def _answer(self, run_id: str, decision: str, note: str, by: str) -> RunHandle:
+        record = self.store.resume(run_id, decision, {"note": note, "by": by})
+        if record is None:
+            status = self.store.status(run_id)  # RunNotFoundError for an unknown id
+            raise InputError(
+                f"run {run_id} is {status.value}, not waiting for approval;"
+                " only a waiting run can be approved or rejected"
+            )
+        try:
+            self.dispatcher.dispatch(record, self.config.pool(record.pool).queue)
+        except DispatchError as exc:
+            self.store.finish(record.id, RunStatus.FAILED, error=str(exc))
+            raise
+        log.info("run resumed", run_id=run_id, decision=decision)
+        return RunHandle(self, run_id)
+
     def cancel(self, run_id: str) -> bool:
-        """Cancel a queued or running run; False when it had already finished."""
+        """Cancel a queued, running or waiting run; False when it had already finished."""
         cancelled = self.store.cancel(run_id)
         if cancelled:
             self.runtime.notifier.publish(run_id)

@@ -199,6 +199,32 @@ memory_vectors = sa.Table(
     sqlite_autoincrement=True,
 )
 
+# v7: the Monitoring crew's alerts. One row per episode: opened when a condition starts, its
+# value and last_seen_at updated while it lasts, resolved_at set when it clears. At most one open
+# alert per (kind, subject): the partial unique index holds that against concurrent checks.
+alerts = sa.Table(
+    "alerts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("subject", sa.String(255), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("action", sa.Text, nullable=False),
+    sa.Column("value", sa.Float),
+    sa.Column("threshold", sa.Float, nullable=False),
+    sa.Column("opened_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("last_seen_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("resolved_at", sa.DateTime(timezone=True), index=True),
+    sa.Index(
+        "ux_alerts_open",
+        "kind",
+        "subject",
+        unique=True,
+        sqlite_where=sa.text("resolved_at IS NULL"),
+        postgresql_where=sa.text("resolved_at IS NULL"),
+    ),
+)
+
 
 def _migration_1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[runs, run_events])
@@ -241,6 +267,12 @@ def _migration_6(conn: Connection) -> None:
     conn.execute(cache_entries.delete())
 
 
+def _migration_7(conn: Connection) -> None:
+    """Alerts; and an index on when runs finished, which the failure-rate check reads."""
+    metadata.create_all(conn, tables=[alerts])
+    conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_runs_finished_at ON runs (finished_at)")
+
+
 # (version, step): append only; never edit a step that has shipped.
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _migration_1),
@@ -249,11 +281,14 @@ MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (4, _migration_4),
     (5, _migration_5),
     (6, _migration_6),
+    (7, _migration_7),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 T = TypeVar("T")
 _ACTIVE = (RunStatus.QUEUED.value, RunStatus.RUNNING.value)
+# runs that can still fail or be cancelled: a waiting run too
+_OPEN = (*_ACTIVE, RunStatus.WAITING.value)
 
 
 def new_run_id() -> str:
@@ -575,7 +610,7 @@ class RunStore:
         or, with ``attempt``, when the run has since been handed to another attempt."""
         if status not in TERMINAL:
             raise ValueError(f"{status.value} is not an outcome")
-        allowed = _ACTIVE if status is not RunStatus.SUCCEEDED else (RunStatus.RUNNING.value,)
+        allowed = _OPEN if status is not RunStatus.SUCCEEDED else (RunStatus.RUNNING.value,)
         values: dict[str, Any] = {"status": status.value}
         if output is not None:
             values["output"] = output
@@ -607,8 +642,39 @@ class RunStore:
         self.status(run_id)  # raises RunNotFoundError for an unknown id
         return False
 
+    def wait(
+        self, run_id: str, *, reason: str, attempt: int, artifacts: Sequence[str] = ()
+    ) -> bool:
+        """running -> waiting (for a person). False when the run is no longer this attempt's."""
+        values: dict[str, Any] = {"status": RunStatus.WAITING.value, "worker": None}
+        if artifacts:
+            values["artifacts"] = list(artifacts)
+        update = (
+            runs.update()
+            .where(
+                runs.c.id == run_id,
+                runs.c.status == RunStatus.RUNNING.value,
+                runs.c.attempts == attempt,
+            )
+            .values(**values)
+            .returning(runs.c.id)
+        )
+        return self._change(update, "waiting", {"reason": reason}) is not None
+
+    def resume(self, run_id: str, kind: str, data: dict[str, Any]) -> RunRecord | None:
+        """waiting -> queued, with event ``kind`` (``approved``/``rejected``) carrying ``data``;
+        None when the run is not waiting."""
+        update = (
+            runs.update()
+            .where(runs.c.id == run_id, runs.c.status == RunStatus.WAITING.value)
+            .values(status=RunStatus.QUEUED.value, enqueued_at=_now())
+            .returning(*runs.c)
+        )
+        row = self._change(update, kind, data)
+        return _record(row) if row is not None else None
+
     def cancel(self, run_id: str) -> bool:
-        """queued|running -> cancelled. A running crew notices at its next step."""
+        """queued|running|waiting -> cancelled. A running crew notices at its next step."""
         return self.finish(run_id, RunStatus.CANCELLED, error="cancelled")
 
     def set_route(self, run_id: str, *, model: str, backend: str) -> None:

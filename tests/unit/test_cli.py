@@ -54,7 +54,8 @@ def one_error_line(stderr: str) -> str:
 def test_unknown_crew_exit_2_names_known_crews() -> None:
     result = typhon("run", "nosuch", "topic")
     assert result.returncode == 2
-    assert "unknown crew 'nosuch'; known crews: research" in one_error_line(result.stderr)
+    line = one_error_line(result.stderr)
+    assert "unknown crew 'nosuch'; known crews: creative, development, monitoring, research" in line
     assert runs_json() == []
 
 

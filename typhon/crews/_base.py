@@ -29,7 +29,12 @@ if TYPE_CHECKING:
 __all__ = ["Crew", "CrewOutput", "CrewRegistry", "crew", "default_registry"]
 
 # Crews that ship with Typhon, imported on first use so that `import typhon` stays light.
-BUILTIN_CREWS = {"research": "typhon.crews.research:ResearchCrew"}
+BUILTIN_CREWS = {
+    "research": "typhon.crews.research:ResearchCrew",
+    "development": "typhon.graphs.development:DevelopmentCrew",
+    "creative": "typhon.crews.creative:CreativeCrew",
+    "monitoring": "typhon.crews.monitoring:MonitoringCrew",
+}
 
 
 @dataclass(frozen=True)
