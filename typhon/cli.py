@@ -396,6 +396,29 @@ def hardware(as_json: JsonOpt = False) -> None:
 
 
 @app.command()
+def alerts(
+    show_all: Annotated[
+        bool, typer.Option("--all", help="Also alerts resolved in the last --days.")
+    ] = False,
+    days: Annotated[float, typer.Option(min=0, help="How far back --all looks.")] = 7,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+) -> None:
+    """Open alerts of the Monitoring crew (VRAM, GPU temperature, failure rate, storage)."""
+    from datetime import UTC, datetime, timedelta
+
+    from typhon.crews.monitoring import list_alerts, render_alerts
+    from typhon.store import RunStore
+
+    store = RunStore(_config().effective_database_url)
+    try:
+        since = datetime.now(UTC) - timedelta(days=days)
+        found = list_alerts(store, include_resolved=show_all, since=since)
+    finally:
+        store.close()
+    typer.echo(json.dumps([a.to_json() for a in found]) if as_json else render_alerts(found))
+
+
+@app.command()
 def placement(as_json: JsonOpt = False) -> None:
     """Which node and GPUs each model should run on, from its VRAM need."""
     from typhon.resources.placement import plan, plan_to_json, render_text

@@ -34,6 +34,7 @@ __all__ = [
 TASK_NAME = "typhon.execute_run"
 REAP_TASK = "typhon.reap"
 MEMORY_TASK = "typhon.memory_maintenance"
+MONITOR_TASK = "typhon.monitor"
 _CONNECT_TIMEOUT_S = 3.0
 
 # One runtime per worker process (prefork child), built on its first task.
@@ -89,6 +90,7 @@ def create_app(config: TyphonConfig) -> Celery:
                 "schedule": 24 * 3600.0,
                 "options": {"queue": control_queue(config), "expires": 3600.0},
             },
+            **_monitor_entry(config),
         },
     )
 
@@ -106,6 +108,21 @@ def create_app(config: TyphonConfig) -> Celery:
             return None
         return maintain(memory, compact_after_days=runtime.config.memory.compact_after_days)
 
+    @app.task(name=MONITOR_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    def monitor_task() -> dict[str, Any]:
+        """The Monitoring crew's checks, from beat: opens and resolves alerts. It records no
+        run: a run every minute would bury people's runs (``typhon run monitoring`` makes one
+        on demand)."""
+        from typhon.crews.monitoring import monitor
+
+        runtime = _process_runtime()
+        report = monitor(runtime.config, runtime.store)
+        return {
+            "opened": [a.id for a in report.opened],
+            "resolved": [a.id for a in report.resolved],
+            "open": [a.id for a in report.open],
+        }
+
     @app.task(name=REAP_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
     def reap_task() -> dict[str, list[str]]:
         runtime = _process_runtime()
@@ -115,6 +132,23 @@ def create_app(config: TyphonConfig) -> Celery:
                 "republished": report.republished}  # fmt: skip
 
     return app
+
+
+def _monitor_entry(config: TyphonConfig) -> dict[str, Any]:
+    """The Monitoring crew's checks every ``monitoring.interval_s`` on the monitoring pool's
+    queue (the control queue when no pool is named so), unless monitoring is off. A check
+    not taken within its interval expires: the next one is due by then."""
+    if not config.monitoring.enabled:
+        return {}
+    queue = next((p.queue for p in config.pools if p.name == "monitoring"), control_queue(config))
+    interval = config.monitoring.interval_s
+    return {
+        "typhon-monitor": {
+            "task": MONITOR_TASK,
+            "schedule": interval,
+            "options": {"queue": queue, "expires": interval},
+        }
+    }
 
 
 def check_broker(app: Celery, url: str) -> None:
