@@ -516,7 +516,7 @@ def render_markdown(report: MonitorReport) -> str:
         f"# Monitoring: {n} open alert{'' if n == 1 else 's'}",
         "",
         f"Checked at {report.checked_at:%Y-%m-%d %H:%M:%S} UTC: {len(report.findings)} checks,"
-        f" {len(firing)} above their threshold.",
+        f" {len(firing)} over the threshold.",
         "",
     ]
     if report.open:
