@@ -335,3 +335,39 @@ def test_beat_has_no_monitor_entry_when_monitoring_is_off() -> None:
 
     config = TyphonConfig(monitoring=MonitoringConfig(enabled=False))
     assert "typhon-monitor" not in create_app(config).conf.beat_schedule
+
+
+def test_typhon_alerts_lists_open_ones_and_with_all_the_resolved() -> None:
+    import os
+    import subprocess
+    import sys
+
+    from typhon.config import load_config
+
+    config = load_config()  # the test's own TYPHON_HOME: the store `typhon alerts` opens
+    store = RunStore(config.effective_database_url)
+    try:
+        monitor(config, store, host(gpus=[gpu(0, temp=90), gpu(1, temp=90)]))
+        monitor(config, store, host(gpus=[gpu(0, temp=90), gpu(1, temp=40)]))
+    finally:
+        store.close()
+    typhon = str(Path(sys.executable).parent / "typhon")
+
+    def alerts(*args: str) -> str:
+        done = subprocess.run(
+            [typhon, "alerts", *args], capture_output=True, text=True, env=os.environ.copy()
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    open_only = json.loads(alerts("--json"))
+    assert [(a["subject"], a["resolved_at"]) for a in open_only] == [("gpu-a/gpu0", None)]
+    assert open_only[0]["action"] == "Check cooling, reduce power limit"
+    every = json.loads(alerts("--all", "--json"))
+    assert sorted((a["subject"], a["resolved_at"] is None) for a in every) == [
+        ("gpu-a/gpu0", True),
+        ("gpu-a/gpu1", False),
+    ]
+    text = alerts()
+    assert "gpu_temp_high" in text and "gpu-a/gpu0" in text and "gpu-a/gpu1" not in text
+    assert "action: Check cooling, reduce power limit" in text
