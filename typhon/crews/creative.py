@@ -118,6 +118,7 @@ def _usable(text: str, example: str) -> bool:
         8 <= len(text) <= 600
         and len(words) >= 3
         and example not in lowered
+        and "subject, setting, style" not in lowered
         and not re.search(r"[{}<>]|\bPROMPT\b|SPOKEN LINE|NEGATIVE", text)
     )
 
@@ -148,8 +149,8 @@ def fallback_line(request: str) -> str:
 def parse_direction(text: str, request: str, *, count: int, speech: bool) -> Direction:
     """The art director's answer as prompts (exactly ``count``), negative and spoken line;
     whatever is missing or unusable comes from the request."""
-    prompts = [_clean(m) for m in _PROMPT_LINE.findall(text)]
-    prompts = [p for p in prompts if _usable(p, _EXAMPLE_PROMPT)][:count]
+    found = _PROMPT_LINE.findall(text)
+    prompts = [_clean(p) for p in found if _usable(p.strip(), _EXAMPLE_PROMPT)][:count]
     from_model = bool(prompts)
     fallback = fallback_prompts(request, count)
     prompts += fallback[len(prompts) : count]
@@ -157,8 +158,8 @@ def parse_direction(text: str, request: str, *, count: int, speech: bool) -> Dir
     negative = next((n for n in negatives if 3 <= len(n) <= 400 and "<" not in n), None)
     line: str | None = None
     if speech:
-        spoken = [_clean(m) for m in _SPOKEN_LINE.findall(text)]
-        line = next((s for s in spoken if _usable(s, _EXAMPLE_LINE) and len(s) <= 400), None)
+        spoken = [_clean(s) for s in _SPOKEN_LINE.findall(text) if _usable(s, _EXAMPLE_LINE)]
+        line = next((s for s in spoken if len(s) <= 400), None)
         line = line or fallback_line(request)
     return Direction(prompts, negative, line, from_model)
 
