@@ -1,6 +1,8 @@
-"""The Celery app: one queue per pool, late acks, prefetch 1, and two tasks:
-``typhon.execute_run`` (on the pool's queue) and ``typhon.reap`` (on the control queue, every
-``cluster.reaper_interval_s`` from Celery beat: ``typhon beat``, or ``typhon worker --beat``).
+"""The Celery app: one queue per pool, late acks, prefetch 1, and these tasks:
+``typhon.execute_run`` (on the pool's queue); ``typhon.reap`` (on the control queue, every
+``cluster.reaper_interval_s`` from Celery beat: ``typhon beat``, or ``typhon worker --beat``);
+``typhon.memory_maintenance`` (daily, control queue); ``typhon.monitor`` (the Monitoring crew's
+checks every ``monitoring.interval_s``, on the monitoring pool's queue).
 
 A task carries only the run id (and its pool); the run itself lives in the run store, so a
 redelivered message finds the run already taken or finished and records nothing twice.
