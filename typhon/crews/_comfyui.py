@@ -469,19 +469,15 @@ class ComfyUIClient:
         """Submit, follow to the end and download the saved images. ``check`` is called while
         waiting and may raise to stop (the prompt is then abandoned on the server)."""
         client_id = uuid.uuid4().hex
-        ws = self._open_ws(client_id)
-        self.followed_by = "websocket" if ws is not None else "polling"
-        try:
+        with contextlib.ExitStack() as stack:
+            ws = self._open_ws(client_id, stack)  # before submitting: no message is missed
+            self.followed_by = "websocket" if ws is not None else "polling"
             prompt_id = self.submit(workflow, client_id)
             try:
                 entry = self._wait(prompt_id, workflow, ws, on_progress or _nothing, check)
             except BaseException:
                 self.abandon(prompt_id)
                 raise
-        finally:
-            if ws is not None:
-                with contextlib.suppress(Exception):
-                    ws.close()
         return self._images(prompt_id, entry)
 
     def _wait(
@@ -508,7 +504,8 @@ class ComfyUIClient:
                 raise self._timed_out(prompt_id)
             time.sleep(min(self.poll_interval_s, left))
 
-    def _open_ws(self, client_id: str) -> ClientConnection | None:
+    def _open_ws(self, client_id: str, stack: contextlib.ExitStack) -> ClientConnection | None:
+        """server.py ``GET /ws?clientId=``, closed with ``stack``; None: poll instead."""
         if not self.websocket:
             return None
         try:
@@ -518,7 +515,9 @@ class ComfyUIClient:
             return None
         ws_url = re.sub(r"^http", "ws", self.url) + f"/ws?clientId={client_id}"
         try:
-            return connect(ws_url, open_timeout=5, close_timeout=1, max_size=None)
+            return stack.enter_context(
+                connect(ws_url, open_timeout=5, close_timeout=1, max_size=None)
+            )
         except (OSError, TimeoutError, InvalidHandshake):
             return None  # no socket (a proxy without upgrades, or the server is down): poll
 
