@@ -266,7 +266,10 @@ class CreativeCrew(Crew):
         text = _art_director(ctx, count, speech)
         direction = parse_direction(text, ctx.input, count=count, speech=speech)
         if not direction.from_model:
-            ctx.log.info("art director's answer unusable; prompts built from the request")
+            ctx.log.info(
+                "art director's answer unusable; prompts built from the request",
+                answer=" ".join(text.split())[:300],
+            )
         return direction
 
     def _render(
