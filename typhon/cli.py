@@ -109,6 +109,9 @@ def _follow(typhon: Typhon, handle: RunHandle, crew: str, timeout: float | None)
                 step = str(event.data.get("name", event.kind))
                 if event.data.get("phase"):  # a graph node's start or end
                     step += f" ({event.data['phase']})"
+                elif event.data.get("max"):  # a renderer's progress
+                    step += f" {event.data.get('node_type', '')} {event.data.get('value')}/"
+                    step += f"{event.data['max']}"
             record = typhon.store.get(handle.run_id)
             elapsed = time.monotonic() - started
             status.update(f"[bold]{crew}[/] · {step} · {elapsed:0.0f}s  [dim]{handle.run_id}[/]")
@@ -142,10 +145,24 @@ def run(
     approval: Annotated[
         bool, typer.Option("--approval", help="Wait for `typhon approve` before the result.")
     ] = False,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option", "-o", help="A crew option KEY=VALUE (VALUE read as JSON when it is)."
+        ),
+    ] = None,
 ) -> None:
     """Run a crew and wait for its result (exit 0 only when it succeeded; 3 when it waits
     for approval)."""
     options: dict[str, Any] = {}
+    for item in option or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            _fail(f"--option {item!r} is not KEY=VALUE; e.g. --option images=2", 2)
+        try:
+            options[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key.strip()] = raw
     if no_cache:
         options["no_cache"] = True
     if repo is not None:
