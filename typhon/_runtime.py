@@ -9,20 +9,20 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import sys
 import threading
 import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
+import sqlalchemy as sa
 import structlog
 
 from typhon._notify import MESSAGE, Notifier, RedisNotifier, channel, notifier_for
 from typhon._types import RunRecord, RunStatus, Usage
 from typhon.config import CrewSettings, TyphonConfig
 from typhon.context import RunContext
-from typhon.crews import CrewOutput, CrewRegistry, default_registry
+from typhon.crews import Crew, CrewOutput, CrewRegistry, default_registry
 from typhon.errors import (
     CrewTimeoutError,
     ModelError,
@@ -31,6 +31,7 @@ from typhon.errors import (
     RunWaiting,
     TyphonError,
 )
+from typhon.improve._prompts import PromptVersion, PromptVersions, code_prompts
 from typhon.memory import Memory, open_memory
 from typhon.memory._cache import CachingClient, prompt_version_of
 from typhon.models import (
@@ -474,6 +475,7 @@ def _attempt(
     crew_cls = runtime.registry.get(record.crew)
     if alias is None:  # recorded without a route (an older version): route it now
         alias = runtime.router.route(record.input, category=crew_cls.category).model
+    version = _prompt_version(runtime, record, crew_cls)
     ctx = RunContext(
         run_id=record.id,
         crew=record.crew,
@@ -486,12 +488,40 @@ def _attempt(
         store=runtime.store,
         guard=guard,
         memory=_memory_for(runtime, record),
+        prompts=version.prompts if version else code_prompts(crew_cls),
+        demos=list(version.demos) if version else [],
+        prompt_version=version.version if version else None,
     )
     contexts.append(ctx)
     log.info("run started", model=alias, attempt=record.attempts)
     result = crew_cls().run(ctx)
     output = result if isinstance(result, CrewOutput) else CrewOutput(str(result))
     return CrewOutput(output.text, {**ctx.artifacts, **output.artifacts})
+
+
+def _prompt_version(
+    runtime: Runtime, record: RunRecord, crew_cls: type[Crew]
+) -> PromptVersion | None:
+    """The prompt version this run uses: the one it already used (a retry or a resumed run),
+    one the run asks for (``prompt_version``, or inline ``prompts``/``demos`` for evaluation),
+    else the canary for its share of live runs or the active one; recorded on the run."""
+    opts = record.options
+    if isinstance(opts.get("prompts"), dict):
+        return PromptVersion(
+            crew=record.crew, version=int(opts.get("prompt_version") or 0), status="candidate",
+            source="inline", prompts=opts["prompts"], demos=list(opts.get("demos") or []),
+        )  # fmt: skip
+    versions = PromptVersions(runtime.store)
+    wanted = record.prompt_version or opts.get("prompt_version")
+    if wanted:
+        return versions.get(record.crew, int(wanted))
+    try:
+        chosen = versions.choose(record.crew, crew_cls)
+        runtime.store.set_prompt_version(record.id, chosen.version)
+    except sa.exc.SQLAlchemyError as exc:  # the loop's tables are an aid: run with the code's
+        log.warning("prompt versions unavailable; using the crew's code", error=str(exc))
+        return None
+    return chosen
 
 
 def _model_client(runtime: Runtime, run: RunRecord, alias: str, guard: _Guard) -> RecordingClient:
@@ -529,10 +559,15 @@ def _model_client(runtime: Runtime, run: RunRecord, alias: str, guard: _Guard) -
         if memory is None or memory.cache is None:
             return client
         crew_cls = runtime.registry.get(run.crew)
-        version = getattr(crew_cls, "prompt_version", None) or prompt_version_of(
-            crew_cls.name, getattr(sys.modules.get(crew_cls.__module__), "PROMPTS", None)
-        )
-        return CachingClient(client, memory.cache, prompt_version=str(version), alias=alias)
+        current = runtime.store.get(run.id)
+        inline = run.options.get("prompts")
+        if current.prompt_version and not inline:  # retired versions' entries get dropped
+            version = f"{run.crew}:v{current.prompt_version}"
+        else:
+            version = prompt_version_of(
+                crew_cls.name, inline or code_prompts(crew_cls), run.options.get("demos")
+            )
+        return CachingClient(client, memory.cache, prompt_version=version, alias=alias)
 
     return RecordingClient(
         alias,

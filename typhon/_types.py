@@ -110,6 +110,7 @@ class RunRecord:
     category: str | None = None
     rules_version: int | None = None
     degraded: bool = False  # a fallback model answered because the routed one was down
+    prompt_version: int | None = None  # the crew's prompt version it used
 
     def to_json(self) -> dict[str, Any]:
         """The shape of ``typhon run --json`` and ``GET /v1/runs/{id}``."""
@@ -124,6 +125,7 @@ class RunRecord:
             "backend": self.backend,
             "category": self.category,
             "rules_version": self.rules_version,
+            "prompt_version": self.prompt_version,
             "degraded": self.degraded,
             "pool": self.pool,
             "created_at": _iso(self.created_at),

@@ -45,6 +45,27 @@ class RunContext:
     artifacts: dict[str, str | bytes] = field(default_factory=dict)
     guard: Callable[[], None] | None = None
     memory: Memory | None = None  # None when memory is off for this run
+    # The crew's prompt version for this run (typhon.improve): its texts and demonstrations.
+    prompts: dict[str, dict[str, str]] = field(default_factory=dict)
+    demos: list[dict[str, str]] = field(default_factory=list)
+    prompt_version: int | None = None
+
+    def prompt(self, part: str, name: str, default: str = "") -> str:
+        """One text of this run's prompt version, e.g. ``ctx.prompt("writer", "task")``."""
+        return self.prompts.get(part, {}).get(name, default)
+
+    def demo_messages(self) -> list[dict[str, str]]:
+        """The version's demonstrations as chat turns to put before the request."""
+        from typhon.improve._prompts import demo_messages
+
+        return demo_messages(self.demos)
+
+    def demo_text(self) -> str:
+        """The demonstrations as text for a task description ("" when there are none)."""
+        if not self.demos:
+            return ""
+        parts = [f"Input: {d.get('input', '')}\nOutput: {d.get('output', '')}" for d in self.demos]
+        return "Examples of good results:\n\n" + "\n\n".join(parts) + "\n\n"
 
     def recall(self, query: str | None = None) -> list[MemoryRecord]:
         """The semantic and episodic memories most relevant to ``query`` (default: the run's

@@ -69,6 +69,8 @@ runs = sa.Table(
     sa.Column("category", sa.String(16)),
     sa.Column("rules_version", sa.Integer),
     sa.Column("degraded", sa.Boolean, nullable=False, server_default=sa.false()),
+    # v8: the crew's prompt version the run used
+    sa.Column("prompt_version", sa.Integer),
 )
 
 run_events = sa.Table(
@@ -225,6 +227,97 @@ alerts = sa.Table(
     ),
 )
 
+# v8: the learning loop. Prompt versions per crew (one active; candidates; a canary with a share
+# of live runs; retired), reviews (QA) and feedback (people) per run, examples and diagnoses
+# learned from them, and what the loop did (promotions, rejections, rollbacks) with its reasons.
+prompt_versions = sa.Table(
+    "prompt_versions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("crew", sa.String(64), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("parent", sa.Integer),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("source", sa.String(32), nullable=False),
+    sa.Column("prompts", sa.JSON, nullable=False),
+    sa.Column("demos", sa.JSON, nullable=False),
+    sa.Column("code_hash", sa.String(64)),
+    sa.Column("note", sa.Text, nullable=False, server_default=""),
+    sa.Column("metrics", sa.JSON, nullable=False),
+    sa.Column("canary_share", sa.Float),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("crew", "version", name="uq_prompt_versions_crew_version"),
+)
+
+run_reviews = sa.Table(
+    "run_reviews",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(36), nullable=False, index=True),
+    sa.Column("crew", sa.String(64), nullable=False, index=True),
+    sa.Column("prompt_version", sa.Integer),
+    sa.Column("reviewer", sa.String(128), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # pending | ok | failed
+    sa.Column("score", sa.Float),
+    sa.Column("verdict", sa.String(16)),
+    sa.Column("critique", sa.Text),
+    sa.Column("issues", sa.JSON, nullable=False),
+    sa.Column("raw", sa.Text),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+)
+
+run_feedback = sa.Table(
+    "run_feedback",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(36), nullable=False, index=True),
+    sa.Column("crew", sa.String(64), nullable=False, index=True),
+    sa.Column("prompt_version", sa.Integer),
+    sa.Column("vote", sa.String(8), nullable=False),  # up | down
+    sa.Column("note", sa.Text, nullable=False, server_default=""),
+    sa.Column("correction", sa.Text),
+    sa.Column("by", sa.String(128), nullable=False, server_default=""),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+)
+
+improve_examples = sa.Table(
+    "improve_examples",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("crew", sa.String(64), nullable=False, index=True),
+    sa.Column("run_id", sa.String(36)),
+    sa.Column("input", sa.Text, nullable=False),
+    sa.Column("output", sa.Text, nullable=False),
+    sa.Column("score", sa.Float, nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),  # qa | human | correction
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+improve_diagnoses = sa.Table(
+    "improve_diagnoses",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(36), nullable=False, index=True),
+    sa.Column("crew", sa.String(64), nullable=False, index=True),
+    sa.Column("category", sa.String(32), nullable=False),
+    sa.Column("detail", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+improve_events = sa.Table(
+    "improve_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("crew", sa.String(64), nullable=False, index=True),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("from_version", sa.Integer),
+    sa.Column("to_version", sa.Integer),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("data", sa.JSON, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+)
+
 
 def _migration_1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[runs, run_events])
@@ -273,6 +366,18 @@ def _migration_7(conn: Connection) -> None:
     conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_runs_finished_at ON runs (finished_at)")
 
 
+def _migration_8(conn: Connection) -> None:
+    """The learning loop's tables, and the prompt version on runs."""
+    have = {c["name"] for c in sa.inspect(conn).get_columns("runs")}
+    if "prompt_version" not in have:
+        conn.exec_driver_sql("ALTER TABLE runs ADD COLUMN prompt_version INTEGER")
+    metadata.create_all(
+        conn,
+        tables=[prompt_versions, run_reviews, run_feedback, improve_examples, improve_diagnoses,
+                improve_events],
+    )  # fmt: skip
+
+
 # (version, step): append only; never edit a step that has shipped.
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _migration_1),
@@ -282,6 +387,7 @@ MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (5, _migration_5),
     (6, _migration_6),
     (7, _migration_7),
+    (8, _migration_8),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -677,6 +783,11 @@ class RunStore:
         """queued|running|waiting -> cancelled. A running crew notices at its next step."""
         return self.finish(run_id, RunStatus.CANCELLED, error="cancelled")
 
+    def set_prompt_version(self, run_id: str, version: int) -> None:
+        """Record the crew's prompt version this run uses (first attempt: kept for retries)."""
+        update = runs.update().where(runs.c.id == run_id).values(prompt_version=version)
+        self._run(lambda conn: conn.execute(update))
+
     def set_route(self, run_id: str, *, model: str, backend: str) -> None:
         update = runs.update().where(runs.c.id == run_id).values(model=model, backend=backend)
         self._run(lambda conn: conn.execute(update))
@@ -1030,6 +1141,7 @@ def _record(row: Any) -> RunRecord:
         category=row.get("category"),
         rules_version=row.get("rules_version"),
         degraded=bool(row.get("degraded")),
+        prompt_version=row.get("prompt_version"),
         artifacts=list(row["artifacts"] or []),
         attempts=row["attempts"],
         heartbeat_at=_utc(row.get("heartbeat_at")),

@@ -338,7 +338,7 @@ def _art_director(ctx: RunContext, count: int, speech: bool) -> str:
     from typhon.crews._crewai import TyphonLLM, prepare_crewai
 
     prepare_crewai(ctx.config.home)
-    texts = PROMPTS["art_director"]
+    texts = {**PROMPTS["art_director"], **ctx.prompts.get("art_director", {})}
     llm = TyphonLLM.wrap(
         ctx.model, max_tokens=ctx.settings.max_tokens, temperature=ctx.settings.temperature
     )
@@ -346,7 +346,11 @@ def _art_director(ctx: RunContext, count: int, speech: bool) -> str:
         role=texts["role"], goal=texts["goal"], backstory=texts["backstory"], llm=llm,
         max_iter=2, allow_delegation=False, tools=[], verbose=False,
     )  # fmt: skip
-    task = Task(description=texts["task"], expected_output=texts["expected_output"], agent=agent)
+    task = Task(
+        description=ctx.demo_text() + texts["task"],
+        expected_output=texts["expected_output"],
+        agent=agent,
+    )
     crew = Crew(
         agents=[agent], tasks=[task], process=Process.sequential, verbose=False, memory=False
     )

@@ -164,11 +164,12 @@ class ResearchCrew(Crew):
             temperature=ctx.settings.temperature,
             on_agent=ctx.step,
         )
+        texts = {key: {**PROMPTS[key], **ctx.prompts.get(key, {})} for key in PROMPTS}
         agents = {
             key: Agent(
-                role=PROMPTS[key]["role"],
-                goal=PROMPTS[key]["goal"],
-                backstory=PROMPTS[key]["backstory"],
+                role=texts[key]["role"],
+                goal=texts[key]["goal"],
+                backstory=texts[key]["backstory"],
                 llm=llm,
                 max_iter=3,
                 allow_delegation=False,
@@ -181,8 +182,8 @@ class ResearchCrew(Crew):
         for key, agent in agents.items():
             tasks.append(
                 Task(
-                    description=PROMPTS[key]["task"],
-                    expected_output=PROMPTS[key]["expected_output"],
+                    description=(ctx.demo_text() if key == "writer" else "") + texts[key]["task"],
+                    expected_output=texts[key]["expected_output"],
                     agent=agent,
                     context=list(tasks[-1:]),
                 )

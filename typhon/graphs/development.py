@@ -129,6 +129,20 @@ class DevState(TypedDict, total=False):
 
 
 # -- helpers -----------------------------------------------------------------------------------
+class _Keep(dict[str, str]):
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def fill(template: str, **fields: str) -> str:
+    """``template`` with its ``{placeholders}`` filled; a rewritten prompt with stray braces
+    gets its fields appended instead of failing the run."""
+    try:
+        return template.format_map(_Keep(fields))
+    except (ValueError, IndexError, AttributeError):
+        return template + "\n\n" + "\n\n".join(f"{k}:\n{v}" for k, v in fields.items())
+
+
 def repository_text(repo: Path | None, files: Mapping[str, str], limit: int = _REPO_CHARS) -> str:
     """The repository as the model sees it: a file list and the text of small files, within
     ``limit`` characters; generated files shown as they are now."""
@@ -232,10 +246,11 @@ class _Nodes:
     def _chat(
         self, node: str, state: DevState, schema: dict[str, Any] | None, **fields: str
     ) -> tuple[str, int]:
-        prompt = PROMPTS[node]
+        prompt = {**PROMPTS[node], **self.ctx.prompts.get(node, {})}
         messages = [
             {"role": "system", "content": prompt["system"]},
-            {"role": "user", "content": prompt["user"].format(task=state["task"], **fields)},
+            *(self.ctx.demo_messages() if node == "implement" else []),
+            {"role": "user", "content": fill(prompt["user"], task=state["task"], **fields)},
         ]
         response_format = (
             {"type": "json_schema", "json_schema": {"name": node, "schema": schema}}
