@@ -35,6 +35,11 @@ routing_app = typer.Typer(help="Versions of the routing rules.", no_args_is_help
 app.add_typer(routing_app, name="routing")
 memory_app = typer.Typer(help="Search, add and forget memories.", no_args_is_help=True)
 app.add_typer(memory_app, name="memory")
+improve_app = typer.Typer(
+    help="The learning loop: reviews, prompt versions, evaluation, optimizer, reports.",
+    no_args_is_help=True,
+)
+app.add_typer(improve_app, name="improve")
 embeddings_app = typer.Typer(help="The local embedding model.", no_args_is_help=True)
 app.add_typer(embeddings_app, name="embeddings")
 
@@ -741,3 +746,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# Commands defined beside the learning loop (light modules: heavy imports happen inside them).
+from typhon.improve import _cli_optimize, _cli_review  # noqa: E402, F401

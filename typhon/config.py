@@ -487,6 +487,48 @@ class DevelopmentConfig(_Strict):
     sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
 
 
+class ImproveConfig(_Strict):
+    """The learning loop.
+
+    Reviews: after every run, a QA review by another model tier (``reviewers`` maps a producing
+    alias to its reviewer; by default the chat model of the list that differs most in size from
+    the producer, or the producer itself when it is the only one), on the improve queue that the
+    workers of ``pool`` serve. Runs judged at least ``example_min_score`` become candidate
+    few-shot examples. Optimizer gate: a candidate must beat the active version on a suite by
+    ``gain_margin`` with a paired bootstrap interval (``confidence``) that excludes 0; then it
+    serves ``canary_share`` of live runs, and after ``canary_min_runs`` judged runs it is
+    promoted, or rolled back when its live score trails the active one's by ``canary_margin``.
+    ``suites`` names a suite file per crew for the weekly optimizer pass."""
+
+    review: bool = True
+    reviewers: dict[str, str] = Field(default_factory=dict)
+    pool: str = "monitoring"
+    example_min_score: float = Field(default=0.8, ge=0, le=1)
+    gain_margin: float = Field(default=0.05, ge=0, le=1)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    bootstrap_samples: int = Field(default=2000, ge=100)
+    canary_share: float = Field(default=0.2, gt=0, le=1)
+    canary_min_runs: int = Field(default=10, ge=1)
+    canary_margin: float = Field(default=0.1, ge=0, le=1)
+    rounds: int = Field(default=3, ge=1, le=20)
+    demos: int = Field(default=3, ge=0, le=16)
+    suites: dict[str, Path] = Field(default_factory=dict)
+    rewrite_model: str | None = None
+    report_hour_utc: int = Field(default=6, ge=0, le=23)
+
+
+def _check_improve(improve: ImproveConfig, aliases: list[str]) -> None:
+    for producer, reviewer in improve.reviewers.items():
+        for name in (producer, reviewer):
+            if name not in aliases:
+                raise ValueError(
+                    f"improve.reviewers names model '{name}', which is not in the model list"
+                )
+    if improve.rewrite_model is not None and improve.rewrite_model not in aliases:
+        name = improve.rewrite_model
+        raise ValueError(f"improve.rewrite_model '{name}' is not in the model list")
+
+
 class TyphonConfig(_Strict):
     """The effective configuration. ``source`` is the file it came from (None: defaults only)."""
 
@@ -508,6 +550,7 @@ class TyphonConfig(_Strict):
     creative: CreativeConfig = Field(default_factory=CreativeConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     development: DevelopmentConfig = Field(default_factory=DevelopmentConfig)
+    improve: ImproveConfig = Field(default_factory=ImproveConfig)
     source: str | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -571,6 +614,7 @@ class TyphonConfig(_Strict):
         if len(set(pools)) != len(pools):
             raise ValueError("pool names must be unique")
         _check_cpusets(self)
+        _check_improve(self.improve, aliases)
         for name, crew in self.crews.items():
             if crew.model is not None and crew.model not in aliases:
                 raise ValueError(f"crews.{name}.model '{crew.model}' is not in the model list")
