@@ -749,4 +749,4 @@ if __name__ == "__main__":
 
 
 # Commands defined beside the learning loop (light modules: heavy imports happen inside them).
-from typhon.improve import _cli_optimize, _cli_review  # noqa: E402, F401
+from typhon.improve import _cli_optimize, _cli_review, _cli_routing  # noqa: E402, F401
