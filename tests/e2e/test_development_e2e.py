@@ -127,6 +127,13 @@ def gate(ctx):
     if answer["decision"] == "rejected":
         raise RuntimeError("rejected: " + answer["note"])
     return "approved by " + answer["by"] + ": " + answer["note"]
+
+
+@crew("echo_options", pool="research")
+def echo_options(ctx):
+    import json
+
+    return json.dumps(ctx.options, sort_keys=True)
 """
 
 
