@@ -319,6 +319,29 @@ improve_events = sa.Table(
 )
 
 
+# v9: the HTTP API. Tokens (the sha256 of each token's random secret; the token itself is shown
+# once), and the webhook signatures seen within their time window, so that none is accepted twice.
+api_tokens = sa.Table(
+    "api_tokens",
+    metadata,
+    sa.Column("id", sa.String(16), primary_key=True),
+    sa.Column("name", sa.String(128), nullable=False, server_default=""),
+    sa.Column("scope", sa.String(16), nullable=False),
+    sa.Column("secret_sha256", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_used_at", sa.DateTime(timezone=True)),
+    sa.Column("revoked_at", sa.DateTime(timezone=True)),
+)
+
+hook_signatures = sa.Table(
+    "hook_signatures",
+    metadata,
+    sa.Column("signature", sa.String(128), primary_key=True),
+    sa.Column("hook", sa.String(64), nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False, index=True),
+)
+
+
 def _migration_1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[runs, run_events])
 
@@ -378,6 +401,11 @@ def _migration_8(conn: Connection) -> None:
     )  # fmt: skip
 
 
+def _migration_9(conn: Connection) -> None:
+    """The HTTP API's tokens and the webhook signatures seen (replay protection)."""
+    metadata.create_all(conn, tables=[api_tokens, hook_signatures])
+
+
 # (version, step): append only; never edit a step that has shipped.
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _migration_1),
@@ -388,6 +416,7 @@ MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (6, _migration_6),
     (7, _migration_7),
     (8, _migration_8),
+    (9, _migration_9),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
