@@ -748,5 +748,6 @@ if __name__ == "__main__":
     main()
 
 
-# Commands defined beside the learning loop (light modules: heavy imports happen inside them).
+# Commands defined beside their rooms (light modules: heavy imports happen inside them).
+from typhon.api import _cli_metrics  # noqa: E402, F401
 from typhon.improve import _cli_optimize, _cli_review, _cli_routing  # noqa: E402, F401
