@@ -2,7 +2,11 @@
 ``typhon.execute_run`` (on the pool's queue); ``typhon.reap`` (on the control queue, every
 ``cluster.reaper_interval_s`` from Celery beat: ``typhon beat``, or ``typhon worker --beat``);
 ``typhon.memory_maintenance`` (daily, control queue); ``typhon.monitor`` (the Monitoring crew's
-checks every ``monitoring.interval_s``, on the monitoring pool's queue).
+checks every ``monitoring.interval_s``, on the monitoring pool's queue); the learning loop's
+``typhon.review`` (a run's QA review, sent when the run finishes) and ``typhon.review_sweep``
+(pending reviews left behind, every 10 minutes) on the improve queue, which the workers of the
+``improve.pool`` pool serve; ``typhon.improve_report`` (daily at ``improve.report_hour_utc``,
+control queue) and ``typhon.improve_weekly`` (the optimizer pass, Sundays, improve queue).
 
 A task carries only the run id (and its pool); the run itself lives in the run store, so a
 redelivered message finds the run already taken or finished and records nothing twice.
@@ -29,6 +33,7 @@ __all__ = [
     "check_broker",
     "control_queue",
     "create_app",
+    "improve_queue",
     "publish",
     "worker_argv",
 ]
@@ -37,6 +42,12 @@ TASK_NAME = "typhon.execute_run"
 REAP_TASK = "typhon.reap"
 MEMORY_TASK = "typhon.memory_maintenance"
 MONITOR_TASK = "typhon.monitor"
+REVIEW_TASK = "typhon.review"
+REVIEW_SWEEP_TASK = "typhon.review_sweep"
+REPORT_TASK = "typhon.improve_report"
+WEEKLY_TASK = "typhon.improve_weekly"
+REVIEW_TIME_LIMIT_S = 900
+REVIEW_SWEEP_S = 600.0
 _CONNECT_TIMEOUT_S = 3.0
 
 # One runtime per worker process (prefork child), built on its first task.
@@ -62,12 +73,25 @@ def control_queue(config: TyphonConfig) -> str:
     return f"typhon-control-{config.cluster.name}"
 
 
+def improve_queue(config: TyphonConfig) -> str:
+    """The learning loop's queue (reviews, the sweep, the weekly pass)."""
+    return f"typhon-improve-{config.cluster.name}"
+
+
+def _serves_improve(config: TyphonConfig, pool: str) -> bool:
+    """The ``improve.pool`` pool's workers serve the improve queue; every worker does when no
+    pool has that name."""
+    names = [p.name for p in config.pools]
+    return pool == config.improve.pool or config.improve.pool not in names
+
+
 def create_app(config: TyphonConfig) -> Celery:
     app = Celery("typhon", broker=config.broker_url, set_as_current=False)
     hard_limits = [config.crew_settings(c).hard_limit_s for c in [*config.crews, ""]]
     interval = config.cluster.reaper_interval_s
     app.conf.update(
-        task_queues=[Queue(p.queue) for p in config.pools] + [Queue(control_queue(config))],
+        task_queues=[Queue(p.queue) for p in config.pools]
+        + [Queue(control_queue(config)), Queue(improve_queue(config))],
         task_default_queue=config.pools[0].queue if config.pools else "research",
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -93,6 +117,7 @@ def create_app(config: TyphonConfig) -> Celery:
                 "options": {"queue": control_queue(config), "expires": 3600.0},
             },
             **_monitor_entry(config),
+            **_improve_entries(config),
         },
     )
 
@@ -125,6 +150,37 @@ def create_app(config: TyphonConfig) -> Celery:
             "open": [a.id for a in report.open],
         }
 
+    @app.task(name=REVIEW_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    def review_task(run_id: str) -> dict[str, Any] | None:
+        from typhon.improve._review import review_in
+
+        return review_in(_process_runtime(), run_id)
+
+    @app.task(name=REVIEW_SWEEP_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    def review_sweep_task() -> list[dict[str, Any]]:
+        from typhon.improve._review import review_pending
+
+        rt = _process_runtime()
+        return review_pending(
+            rt.config, rt.store, rt.models, older_than_s=REVIEW_SWEEP_S,
+            registry=rt.registry, memory=rt.memory,
+        )  # fmt: skip
+
+    @app.task(name=REPORT_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    def report_task() -> dict[str, str]:
+        from typhon.improve._report import write_report
+
+        rt = _process_runtime()
+        written = write_report(rt.config, rt.store)
+        return {"markdown": written["markdown"], "json": written["json"]}
+
+    @app.task(name=WEEKLY_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    def weekly_task() -> Any:
+        from typhon.improve._optimize import weekly_pass  # type: ignore[import-not-found,unused-ignore]
+
+        rt = _process_runtime()
+        return weekly_pass(rt.config, rt.store)
+
     @app.task(name=REAP_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
     def reap_task() -> dict[str, list[str]]:
         runtime = _process_runtime()
@@ -151,6 +207,33 @@ def _monitor_entry(config: TyphonConfig) -> dict[str, Any]:
             "options": {"queue": queue, "expires": interval},
         }
     }
+
+
+def _improve_entries(config: TyphonConfig) -> dict[str, Any]:
+    """The learning loop's beat entries: the sweep of pending reviews (unless reviews are off),
+    the daily report and the weekly optimizer pass."""
+    from celery.schedules import crontab
+
+    hour = config.improve.report_hour_utc
+    entries: dict[str, Any] = {
+        "typhon-improve-report": {
+            "task": REPORT_TASK,
+            "schedule": crontab(minute=0, hour=hour),
+            "options": {"queue": control_queue(config), "expires": 3600.0},
+        },
+        "typhon-improve-weekly": {
+            "task": WEEKLY_TASK,
+            "schedule": crontab(minute=30, hour=hour, day_of_week="sun"),
+            "options": {"queue": improve_queue(config), "expires": 6 * 3600.0},
+        },
+    }
+    if config.improve.review:
+        entries["typhon-review-sweep"] = {
+            "task": REVIEW_SWEEP_TASK,
+            "schedule": REVIEW_SWEEP_S,
+            "options": {"queue": improve_queue(config), "expires": REVIEW_SWEEP_S},
+        }
+    return entries
 
 
 def check_broker(app: Celery, url: str) -> None:
@@ -181,13 +264,17 @@ def publish(app: Celery, config: TyphonConfig, run: RunRecord) -> None:
 def worker_argv(
     config: TyphonConfig, pool_name: str, *, loglevel: str = "INFO", beat: bool = False
 ) -> list[str]:
-    """argv for ``celery worker`` serving one pool: its queue and the control queue,
-    concurrency = the pool's ceiling (cap, or burst_cap)."""
+    """argv for ``celery worker`` serving one pool: its queue and the control queue (and the
+    improve queue for the ``improve.pool`` pool), concurrency = the pool's ceiling (cap, or
+    burst_cap)."""
     pool = config.pool(pool_name)
     extra = ["--beat", f"--schedule={config.home / 'celerybeat-schedule'}"] if beat else []
+    queues = [pool.queue, control_queue(config)]
+    if _serves_improve(config, pool.name):
+        queues.append(improve_queue(config))
     return [
         "worker",
-        f"--queues={pool.queue},{control_queue(config)}",
+        f"--queues={','.join(queues)}",
         *extra,
         f"--concurrency={pool.ceiling}",
         f"--hostname={pool.name}@%h",
