@@ -749,5 +749,5 @@ if __name__ == "__main__":
 
 
 # Commands defined beside their rooms (light modules: heavy imports happen inside them).
-from typhon.api import _cli_metrics  # noqa: E402, F401
+from typhon.api import _cli, _cli_metrics  # noqa: E402, F401
 from typhon.improve import _cli_optimize, _cli_review, _cli_routing  # noqa: E402, F401
