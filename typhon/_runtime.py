@@ -32,6 +32,7 @@ from typhon.errors import (
     TyphonError,
 )
 from typhon.improve._prompts import PromptVersion, PromptVersions, code_prompts
+from typhon.improve._review import queue_review
 from typhon.memory import Memory, open_memory
 from typhon.memory._cache import CachingClient, prompt_version_of
 from typhon.models import (
@@ -331,6 +332,7 @@ def _run(runtime: Runtime, record: RunRecord) -> RunStatus:
     else:
         log.info("run finished", status=outcome.value)
         _remember_outcome(runtime, record.id)
+        queue_review(runtime, record.id)
     return outcome
 
 
