@@ -18,6 +18,7 @@ from pathlib import Path
 import sqlalchemy as sa
 import structlog
 
+from typhon import telemetry
 from typhon._notify import MESSAGE, Notifier, RedisNotifier, channel, notifier_for
 from typhon._types import RunRecord, RunStatus, Usage
 from typhon.config import CrewSettings, TyphonConfig
@@ -67,6 +68,7 @@ class Runtime:
         pin_burst: bool = False,
     ):
         self.config = config
+        telemetry.configure(config)
         self.notifier = notifier or notifier_for(config.broker_url)
         self.slots = slots or slots_for(config.broker_url, config.cluster)
         self.pin_burst = pin_burst  # only worker processes move to the burst CPU set
@@ -133,6 +135,7 @@ class Runtime:
         self.store.close()
         self.notifier.close()
         self.slots.close()
+        telemetry.shutdown()
 
 
 def _write_artifacts(root: Path, run_id: str, artifacts: dict[str, str | bytes]) -> list[str]:
@@ -315,6 +318,22 @@ def execute_run(runtime: Runtime, run_id: str, pool_name: str | None = None) -> 
 
 
 def _run(runtime: Runtime, record: RunRecord) -> RunStatus:
+    with telemetry.span(
+        f"typhon.execute_run {record.crew}",
+        kind=telemetry.SpanKind.CONSUMER,
+        parent=record.options.get("_traceparent"),
+        attributes={
+            "typhon.run_id": record.id, "typhon.crew": record.crew, "typhon.pool": record.pool,
+            "typhon.attempt": record.attempts, "typhon.worker": runtime.worker_name,
+            "messaging.system": "celery" if runtime.config.broker_url else None,
+        },
+    ) as span:  # fmt: skip
+        outcome = _run_traced(runtime, record)
+        span.set_attribute("typhon.status", outcome.value)
+        return outcome
+
+
+def _run_traced(runtime: Runtime, record: RunRecord) -> RunStatus:
     settings = runtime.config.crew_settings(record.crew)
     guard = _Guard(runtime.store, record.id, record.attempts, settings.timeout_s)
     outcome = RunStatus.FAILED
@@ -496,7 +515,15 @@ def _attempt(
     )
     contexts.append(ctx)
     log.info("run started", model=alias, attempt=record.attempts)
-    result = crew_cls().run(ctx)
+    with telemetry.span(
+        f"invoke_agent {record.crew}",
+        attributes={
+            "gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": record.crew,
+            "gen_ai.request.model": alias, "typhon.run_id": record.id,
+            "typhon.prompt_version": ctx.prompt_version,
+        },
+    ):  # fmt: skip
+        result = crew_cls().run(ctx)
     output = result if isinstance(result, CrewOutput) else CrewOutput(str(result))
     return CrewOutput(output.text, {**ctx.artifacts, **output.artifacts})
 
@@ -578,6 +605,7 @@ def _model_client(runtime: Runtime, run: RunRecord, alias: str, guard: _Guard) -
         record=record,
         before=guard,
         failed=failed,
+        span_attributes={"typhon.run_id": run.id, "gen_ai.agent.name": run.crew},
     )
 
 

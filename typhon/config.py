@@ -529,6 +529,19 @@ def _check_improve(improve: ImproveConfig, aliases: list[str]) -> None:
         raise ValueError(f"improve.rewrite_model '{name}' is not in the model list")
 
 
+class TelemetryConfig(_Strict):
+    """Traces: an OTLP/HTTP collector's base URL (spans go to ``{url}/v1/traces``); none, and
+    nothing is exported. ``OTEL_EXPORTER_OTLP_ENDPOINT`` works too."""
+
+    otlp_endpoint: str | None = None
+    service_name: str = "typhon"
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        return _check_url(v, ("http", "https"))
+
+
 class TyphonConfig(_Strict):
     """The effective configuration. ``source`` is the file it came from (None: defaults only)."""
 
@@ -551,6 +564,7 @@ class TyphonConfig(_Strict):
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     development: DevelopmentConfig = Field(default_factory=DevelopmentConfig)
     improve: ImproveConfig = Field(default_factory=ImproveConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     source: str | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from typhon import telemetry
 from typhon._runtime import Runtime, execute_run
 from typhon._types import RunRecord, RunRequest, RunStatus
 from typhon.config import TyphonConfig, load_config
@@ -208,6 +209,15 @@ class Typhon:
 
     def submit(self, crew: str, input: str, **options: Any) -> RunHandle:
         """Validate, route, record the run as queued and dispatch it. Bad input stores nothing."""
+        with telemetry.span(
+            f"typhon.submit {crew}", kind=telemetry.SpanKind.PRODUCER,
+            attributes={"typhon.crew": crew, "gen_ai.agent.name": crew},
+        ) as span:  # fmt: skip
+            handle = self._submit(crew, input, options)
+            span.set_attribute("typhon.run_id", handle.run_id)
+            return handle
+
+    def _submit(self, crew: str, input: str, options: dict[str, Any]) -> RunHandle:
         cls = self.crews.get(crew)
         model = options.pop("model", None)
         request = RunRequest.create(crew, input, options)
@@ -218,11 +228,12 @@ class Typhon:
         except TyphonError as exc:
             raise InputError(str(exc)) from None
         pool = self.config.pool(self.config.crew_settings(crew).pool or cls.pool)
+        traceparent = telemetry.inject()  # how the worker joins this trace
         record = self.store.create_run(
             crew=crew,
             input=request.input,
             pool=pool.name,
-            options=request.options,
+            options={**request.options, **({"_traceparent": traceparent} if traceparent else {})},
             model=route.model,
             backend=route.backend,
             category=route.category,

@@ -520,9 +520,11 @@ class RecordingClient:
         record: Callable[[ChatResult], None],
         before: Callable[[], None],
         failed: Callable[[Exception, float], None] | None = None,
+        span_attributes: dict[str, Any] | None = None,
     ):
         self.alias = alias
         self.url = url
+        self._span_attributes = dict(span_attributes or {})
         self._resolve = resolve
         self._inner: ModelClient | None = None
         self._record = record
@@ -548,21 +550,35 @@ class RecordingClient:
     ) -> ChatResult:
         self._before()
         started = time.perf_counter()
-        try:
-            result = self.inner.chat(
-                messages,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                response_format=response_format,
-                tools=tools,
-                stop=stop,
-            )
-        except Exception as exc:
-            if self._failed is not None:
-                self._failed(exc, time.perf_counter() - started)
-            raise
+        with self._span() as span:
+            try:
+                result = self.inner.chat(
+                    messages,
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    response_format=response_format,
+                    tools=tools,
+                    stop=stop,
+                )
+            except Exception as exc:
+                if self._failed is not None:
+                    self._failed(exc, time.perf_counter() - started)
+                raise
+            _span_result(span, result)
         self._record(result)
         return result
+
+    def _span(self) -> Any:
+        from typhon import telemetry
+
+        return telemetry.span(
+            f"chat {self.alias}",
+            kind=telemetry.SpanKind.CLIENT,
+            attributes={
+                "gen_ai.operation.name": "chat", "gen_ai.request.model": self.alias,
+                "server.address": self.url, **self._span_attributes,
+            },
+        )  # fmt: skip
 
     def stream(
         self,
@@ -579,7 +595,17 @@ class RecordingClient:
 
         def finish() -> ChatResult:
             assert inner.result is not None
+            with self._span() as span:  # the stream's totals, once they are known
+                _span_result(span, inner.result)
             self._record(inner.result)
             return inner.result
 
         return ChatStream(chunks(), finish)
+
+
+def _span_result(span: Any, result: ChatResult) -> None:
+    span.set_attribute("gen_ai.response.model", result.model or "")
+    span.set_attribute("gen_ai.usage.input_tokens", result.usage.prompt_tokens)
+    span.set_attribute("gen_ai.usage.output_tokens", result.usage.completion_tokens)
+    if result.alias:
+        span.set_attribute("typhon.model.alias", result.alias)
