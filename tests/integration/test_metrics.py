@@ -190,6 +190,23 @@ def test_an_empty_store_shows_zeros_and_no_histogram_series(
     assert not any(name.startswith("typhon_broker") for name, _ in s)  # no Redis broker
 
 
+def test_outcome_series_for_configured_crews_not_for_what_a_process_registered(
+    store: RunStore, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every process that answers a scrape shows the same crews: built in, configured, seen in
+    the store; a crew registered only in this process (as test modules do) adds nothing."""
+    from typhon.crews import crew, default_registry
+
+    registry = default_registry()
+    monkeypatch.setattr(registry, "_crews", dict(registry._crews))  # undone after the test
+    name = f"only_here_{uuid.uuid4().hex[:6]}"
+    crew(name)(lambda ctx: "x")
+    assert name in default_registry().names()
+    config = TyphonConfig(home=home, crews={"translator": {"timeout_s": 60}})
+    crews = {dict(k)["crew"] for k in _series(_scrape(config, store), "activity_completed_total")}
+    assert crews == {*BUILTIN, "translator"}
+
+
 # -- model calls, cache, reviews, feedback, alerts ------------------------------------------------
 
 

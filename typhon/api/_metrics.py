@@ -44,10 +44,11 @@ metric                                      type      labels                 sou
 =========================================== ========= ====================== =====================
 
 ``status`` of ``activity_completed_total`` is ``success`` (succeeded), ``failure`` (failed) or
-``cancelled``; every crew seen in the run store or built in has all three series, at 0 until a
-run ends that way, so that ``rate()`` counts a crew's first outcome. The seed's success-rate query
-names ``activity_completed``, not a counter's ``_total`` name, so the same values are exposed
-under that name too and the seed's query works as written::
+``cancelled``; every crew seen in the run store, built in or configured has all three series,
+at 0 until a run ends that way, so that ``rate()`` counts a crew's first outcome. External agents'
+activity (``POST /activity``) is recorded as runs, so it is counted here under the agent's name.
+The seed's success-rate query names ``activity_completed``, not a counter's ``_total`` name, so
+the same values are exposed under that name too and the seed's query works as written::
 
     sum(rate(activity_completed{status="success"}[1h])) / sum(rate(activity_completed[1h])) * 100
 
@@ -224,10 +225,12 @@ class TyphonCollector(Collector):
 
     # -- runs ------------------------------------------------------------------------------------
     def _crews(self, conn: Connection) -> list[str]:
-        from typhon.crews import default_registry
+        """Crews seen in the store, built in, or configured: the same for every process (not
+        whatever this one happens to have registered)."""
+        from typhon.crews._base import BUILTIN_CREWS
 
         seen = conn.execute(sa.select(runs.c.crew).distinct()).scalars()
-        return sorted({*seen, *default_registry().names(), *self.config.crews})
+        return sorted({*seen, *BUILTIN_CREWS, *self.config.crews})
 
     def _runs(self, conn: Connection) -> Iterator[Metric]:
         c = runs.c
