@@ -367,6 +367,40 @@ def beat(loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INF
 
 
 @app.command()
+def flower(
+    port: Annotated[int, typer.Option(help="Port for Flower's web UI and API.")] = 5555,
+    address: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    basic_auth: Annotated[
+        str | None,
+        typer.Option("--basic-auth", help="user:password (needed off loopback)."),
+    ] = None,
+) -> None:
+    """Celery Flower on the configured broker: workers per pool, runs as tasks named by crew."""
+    import ipaddress
+
+    config = _config()
+    if not config.broker_url:
+        _fail("flower needs broker_url (set it in typhon.yaml or TYPHON_BROKER_URL)", 2)
+    loopback = address == "localhost" or ipaddress.ip_address(address).is_loopback
+    if not loopback and not basic_auth:
+        _fail(f"flower on {address} needs --basic-auth user:password (or bind 127.0.0.1)", 2)
+    if loopback and not basic_auth:  # only this machine can reach it: its API needs no login
+        os.environ.setdefault("FLOWER_UNAUTHENTICATED_API", "true")
+    from typhon.logging import configure_logging
+    from workers.celery_app import create_app
+
+    configure_logging(config.log_level)
+    config.home.mkdir(parents=True, exist_ok=True)
+    argv = [
+        "flower", f"--port={port}", f"--address={address}",
+        f"--db={config.home / 'flower.db'}", "--persistent=False",
+    ]  # fmt: skip
+    if basic_auth:
+        argv.append(f"--basic-auth={basic_auth}")
+    create_app(config).start(argv)
+
+
+@app.command()
 def reap(as_json: JsonOpt = False) -> None:
     """Recover runs whose worker died or whose message was lost, once, now."""
     from typhon.resources.reaper import reap as reap_once

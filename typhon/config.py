@@ -305,6 +305,9 @@ class ClusterConfig(_Strict):
     reaper_interval_s: float = Field(default=10, gt=0)
     stale_queue_s: float = Field(default=300, gt=0)
     max_attempts: int = Field(default=3, ge=1)
+    # Celery task events, which Flower shows (tasks, their names by crew, timings); off saves
+    # a few messages per run
+    task_events: bool = True
 
     @field_validator("burst_cpuset")
     @classmethod

@@ -104,7 +104,8 @@ def create_app(config: TyphonConfig) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=_CONNECT_TIMEOUT_S,
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
+        worker_send_task_events=config.cluster.task_events,
+        task_send_sent_event=config.cluster.task_events,
         beat_schedule={
             "typhon-reap": {
                 "task": REAP_TASK,
@@ -254,6 +255,7 @@ def publish(app: Celery, config: TyphonConfig, run: RunRecord) -> None:
             queue=config.pool(run.pool).queue,
             retry=False,
             time_limit=config.crew_settings(run.crew).hard_limit_s,
+            shadow=f"typhon.run.{run.crew}",  # the name Flower and the logs show: by crew
         )
     except Exception as exc:
         raise BrokerUnavailableError(
