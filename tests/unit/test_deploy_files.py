@@ -345,11 +345,11 @@ def test_compose_runs_a_single_beat(compose: dict[str, Any]) -> None:
             assert "beat" not in argv and "-B" not in argv and "--beat" not in argv, name
 
 
-def test_compose_api_is_behind_its_profile(compose: dict[str, Any], hydra: TyphonConfig) -> None:
+def test_compose_runs_the_api(compose: dict[str, Any], hydra: TyphonConfig) -> None:
     apis = _by_subcommand(compose, "serve")
     assert list(apis) == ["api"]
     svc = apis["api"]
-    assert svc["profiles"] == ["api"]
+    assert "profiles" not in svc  # Prometheus scrapes it: it starts with the cluster
     assert _argv(svc) == ["typhon", "serve", "--host", "0.0.0.0", "--port", str(API_PORT)]
     assert svc["ports"] == [f"{API_PORT}:{API_PORT}"]
     assert svc["mem_limit"] == "2g"
@@ -381,6 +381,18 @@ def test_compose_typhon_services_get_the_hydra_config(compose: dict[str, Any]) -
         assert (db.hostname, db.username, db.password) == ("postgres", "typhon", "pw")
 
 
+def test_compose_runs_prometheus_and_grafana_on_the_shipped_files(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    assert services["prometheus"]["volumes"] == ["./prometheus:/etc/prometheus:ro"]
+    assert (DEPLOY / "prometheus" / "prometheus.yml").is_file()
+    mounts = services["grafana"]["volumes"]
+    assert "./grafana/provisioning:/etc/grafana/provisioning:ro" in mounts
+    assert "./grafana/dashboards:/var/lib/grafana/dashboards/typhon:ro" in mounts
+    assert len(list((DEPLOY / "grafana" / "dashboards").glob("*.json"))) == 4
+
+
 def test_compose_builds_the_project_image(compose: dict[str, Any]) -> None:
     for name, svc in _typhon_services(compose).items():
         build = svc["build"]
@@ -405,6 +417,9 @@ def test_compose_cpusets_follow_the_seed_allocation(
     workers = _workers(compose)
     seen: dict[int, str] = {}
     for name, svc in compose["services"].items():
+        if svc.get("profiles") == ["observability"]:  # may run on another machine
+            assert "cpuset" not in svc, f"{name}: pin it where it runs"
+            continue
         cpus = _cpus(svc)
         assert cpus, name
         assert not cpus & reserved["system"], f"{name} uses the cores reserved for the system"
