@@ -33,7 +33,7 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel
 
 from typhon.api._callbacks import Callbacks
-from typhon.api._errors import ApiError, error_response, install_handlers
+from typhon.api._errors import ApiError, check_text, error_response, install_handlers
 from typhon.api._guard import Guard
 from typhon.api._settings import ApiConfig, HookConfig, api_settings, hook_settings
 from typhon.api._state import AppState, state_of
@@ -111,6 +111,7 @@ def post_activity(request: Request, payload: Annotated[dict[str, Any], Body()]) 
     """Record an external agent's finished task (agent, status success|failure, input, ...)."""
     from typhon.improve._activity import ingest
 
+    check_text(payload, "body")
     return ingest(state_of(request).typhon.store, payload)
 
 

@@ -26,7 +26,7 @@ from typhon.errors import (
     UnknownCrewError,
 )
 
-__all__ = ["ApiError", "error_body", "error_response", "install_handlers"]
+__all__ = ["ApiError", "check_text", "error_body", "error_response", "install_handlers"]
 
 log = structlog.get_logger("typhon.api")
 
@@ -49,6 +49,27 @@ class ApiError(Exception):
         self.message = message
         self.headers = headers or {}
         super().__init__(message)
+
+
+def check_text(value: Any, where: str) -> None:
+    """ApiError 422 when a string in ``value`` (a JSON value) holds a NUL or a lone surrogate:
+    text that no store keeps (PostgreSQL refuses both, UTF-8 the second)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ApiError(422, "invalid_input", f"{where}: text holds a NUL character")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(
+                422, "invalid_input", f"{where}: text is not valid Unicode (a lone surrogate)"
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, where)
+            check_text(item, where)
+    elif isinstance(value, list):
+        for item in value:
+            check_text(item, where)
 
 
 def error_body(code: str, message: str) -> dict[str, Any]:

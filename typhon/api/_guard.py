@@ -85,6 +85,9 @@ class Guard:
                               f"the body is {int(declared):,} bytes, over the limit of"
                               f" {limit:,}")  # fmt: skip
                 return
+        if b"%00" in scope.get("query_string", b""):
+            await _refuse(send, 400, "bad_request", "the query string holds a NUL character")
+            return
         streaming = scope["path"].endswith("/events")
         if not streaming and self.in_flight >= self.settings.max_in_flight:
             retry = str(self.settings.retry_after_s)

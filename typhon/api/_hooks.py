@@ -25,7 +25,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from typhon._types import RunStatus
-from typhon.api._errors import ApiError
+from typhon.api._errors import ApiError, check_text
 from typhon.api._runs import Accepted
 from typhon.api._settings import HOOK_NAME, HookConfig
 from typhon.api._state import AppState, state_of
@@ -164,6 +164,7 @@ def _accept(state: AppState, hook: HookConfig, name: str, headers: Mapping[str, 
     except (ValueError, RecursionError):
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
     text = render_input(hook, name, payload)
+    check_text(text, f"hook '{name}' input")
     callback = _callback(hook, name, payload)
     options = {**hook.options, "source": "hook", "hook": name}
     handle = state.submit(hook.crew or name, text, options)

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictStr
 
 from typhon._types import RunStatus
-from typhon.api._errors import ApiError
+from typhon.api._errors import ApiError, check_text
 from typhon.api._state import check_run_id, state_of, token_of
 from typhon.errors import InputError
 from typhon.store import RunStore
@@ -64,6 +64,7 @@ def _by(request: Request) -> str:
 @router.post("", status_code=202, response_model=Accepted)
 def submit_run(body: RunBody, request: Request) -> JSONResponse:
     """Start a run of ``crew`` on ``input``; answers at once with its id (202)."""
+    check_text(body.model_dump(), "body")
     for key in body.options:
         if not key.isidentifier():
             raise ApiError(422, "invalid_request", f"options: '{key[:64]}' is not an option name")
@@ -167,6 +168,7 @@ def feedback(run_id: str, body: FeedbackBody, request: Request) -> JSONResponse:
     state = state_of(request)
     typhon = state.typhon
     check_run_id(run_id)
+    check_text(body.model_dump(), "body")
     typhon.store.status(run_id)  # 404 before any learning
     result = record_feedback(
         typhon.config, typhon.store, run_id, body.vote, note=body.note,
@@ -195,6 +197,7 @@ def _decide(
     request: Request, run_id: str, decision: str, body: DecisionBody | None
 ) -> dict[str, Any]:
     typhon = state_of(request).typhon
+    check_text(body.note if body else "", "note")
     answer = typhon.approve if decision == "approve" else typhon.reject
     try:
         handle = answer(run_id, note=(body.note if body else ""), by=_by(request))
