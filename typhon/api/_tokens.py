@@ -186,8 +186,9 @@ def remember_signature(store: RunStore, hook: str, signature: str, expires_at: f
         insert(hook_signatures)
         .values(signature=signature, hook=hook, expires_at=expires_at)
         .on_conflict_do_nothing(index_elements=[hook_signatures.c.signature])
+        .returning(hook_signatures.c.signature)
     )
     store.migrate_once()
     with store.engine.begin() as conn:
         conn.execute(hook_signatures.delete().where(hook_signatures.c.expires_at < time.time()))
-        return bool(conn.execute(stmt).rowcount)
+        return conn.execute(stmt).first() is not None
