@@ -229,6 +229,22 @@ def test_activity_hardware_metrics_health_and_openapi(api: Api, client: httpx.Cl
     assert client.get("/docs", headers=api.auth("read")).status_code == 200
 
 
+def test_public_docs_when_asked(store: RunStore, home: Path) -> None:
+    settings = ApiConfig(public_docs=True)
+    with (
+        quick_typhon(quick_config(home), store) as typhon,
+        running_api(typhon, settings=settings) as api,
+        httpx.Client(base_url=api.url, timeout=60) as client,
+    ):
+        spec = client.get("/openapi.json").json()
+        hook = spec["paths"]["/v1/hooks/{name}"]["post"]
+        assert {p["name"] for p in hook["parameters"]} >= {
+            "X-Typhon-Hook-Token", "X-Typhon-Signature",
+        }  # fmt: skip
+        assert client.get("/docs").status_code == 200
+        assert client.get("/v1/runs").status_code == 401
+
+
 def test_scopes_nest(api: Api, client: httpx.Client) -> None:
     for scope in ("read", "submit", "admin"):
         assert client.get("/v1/runs", headers=api.auth(scope)).status_code == 200

@@ -27,6 +27,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import sqlalchemy as sa
+import structlog
 from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
@@ -42,6 +43,8 @@ from typhon.errors import ConfigError
 from typhon.orchestrator import Typhon
 
 __all__ = ["create_app"]
+
+log = structlog.get_logger("typhon.api")
 
 
 class _Error(BaseModel):
@@ -76,7 +79,9 @@ def healthz(request: Request) -> JSONResponse:
         with typhon.store.engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
     except Exception as exc:
-        return error_response(503, "store_unavailable", f"the run store does not answer: {exc}")
+        message = f"the run store does not answer ({type(exc).__name__}); see the server's log"
+        log.warning("health check: the run store does not answer", error=str(exc))
+        return error_response(503, "store_unavailable", message)
     mode = "embedded" if typhon.embedded else "cluster"
     return JSONResponse({"status": "ok", "store": typhon.store.dialect, "mode": mode})
 
@@ -140,6 +145,7 @@ def create_app(
     from typhon import __version__
     from typhon.api._hooks import router as hooks_router
     from typhon.api._runs import router as runs_router
+    from typhon.api._ui import router as ui_router
 
     settings = settings or api_settings(typhon.config)
     try:
@@ -175,5 +181,6 @@ def create_app(
     app.include_router(hooks_router)
     app.include_router(misc, dependencies=bearer)
     app.include_router(health)
+    app.include_router(ui_router, dependencies=bearer)
     app.add_middleware(Guard, settings=settings, tokens=state.tokens)
     return app

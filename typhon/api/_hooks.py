@@ -42,6 +42,10 @@ _MISSING = object()
 router = APIRouter(tags=["hooks"])
 
 
+def _sha256(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
+
+
 def _unauthorized(code: str, message: str) -> ApiError:
     return ApiError(401, code, message)
 
@@ -62,7 +66,7 @@ def verify(
         _check_signature(hook, name, signature, body, store, window_s, now)
         return
     if token is not None and hook.auth != "signature":
-        if not hmac.compare_digest(token.encode(), hook.secret.encode()):
+        if not hmac.compare_digest(_sha256(token), _sha256(hook.secret)):  # length hidden too
             raise _unauthorized("bad_hook_token", f"the {TOKEN_HEADER} header is not this hook's")
         return
     wanted = {
@@ -173,7 +177,23 @@ def _accept(state: AppState, hook: HookConfig, name: str, headers: Mapping[str, 
     return handle.run_id
 
 
-@router.post("/v1/hooks/{name}", status_code=202, response_model=Accepted)
+_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "Any JSON; the hook's mapping takes the run's input from it.",
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    },
+    "parameters": [
+        {"name": TOKEN_HEADER, "in": "header", "required": False, "schema": {"type": "string"},
+         "description": "The hook's secret (auth: token or either)."},
+        {"name": SIGNATURE_HEADER, "in": "header", "required": False,
+         "schema": {"type": "string"},
+         "description": "t=TIMESTAMP,v1=HMAC-SHA256 of TIMESTAMP.BODY (auth: signature)."},
+    ],
+}  # fmt: skip
+
+
+@router.post("/v1/hooks/{name}", status_code=202, response_model=Accepted, openapi_extra=_OPENAPI)
 async def run_hook(name: str, request: Request) -> JSONResponse:
     """Start a run from a webhook (see the module's docstring for the headers and the body)."""
     state = state_of(request)
