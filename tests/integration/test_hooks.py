@@ -191,6 +191,17 @@ def test_either_takes_a_token_or_a_signature(api: Api, client: httpx.Client) -> 
     assert [api.store.get(i).output for i in ids] == ["done: one", 'done: {"nested": 2}']
 
 
+def test_a_hook_for_an_unknown_crew_is_a_configuration_error(store: RunStore, home: Path) -> None:
+    from typhon.api import create_app
+    from typhon.errors import ConfigError
+
+    with (
+        quick_typhon(quick_config(home), store) as typhon,
+        pytest.raises(ConfigError, match=r"hooks\.research\.crew.*unknown crew 'research'"),
+    ):
+        create_app(typhon, hooks={"research": HookConfig(secret=TOKEN)})
+
+
 # -- callbacks ----------------------------------------------------------------------------------
 
 

@@ -39,7 +39,7 @@ from typhon.api._guard import Guard
 from typhon.api._settings import ApiConfig, HookConfig, api_settings, hook_settings
 from typhon.api._state import AppState, state_of
 from typhon.api._tokens import TokenStore
-from typhon.errors import ConfigError
+from typhon.errors import ConfigError, UnknownCrewError
 from typhon.orchestrator import Typhon
 
 __all__ = ["create_app"]
@@ -152,6 +152,11 @@ def create_app(
         hooks = hook_settings(typhon.config) if hooks is None else hooks
     except ValueError as exc:
         raise ConfigError(str(exc), key="hooks") from None
+    for name, hook in hooks.items():
+        try:
+            typhon.crews.get(hook.crew or name)
+        except UnknownCrewError as exc:
+            raise ConfigError(str(exc), key=f"hooks.{name}.crew") from None
     state = AppState(
         typhon=typhon,
         settings=settings,

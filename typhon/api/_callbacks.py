@@ -121,12 +121,11 @@ class Callbacks:
                     return
                 ids = list(self._waiting)
             try:
-                finished = self._finished(ids)
+                for run_id in self._finished(ids):
+                    self._ready(run_id)
             except Exception as exc:  # the store is down for a moment: try again next time
                 log.warning("callbacks: cannot read run states", error=str(exc))
                 continue
-            for run_id in finished:
-                self._ready(run_id)
             now = time.monotonic()
             with self._cond:
                 ready = [c for c in self._due if c.next_at <= now]
