@@ -33,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from typhon.api._settings import ApiConfig, HookConfig
 from typhon.errors import ConfigError
 from typhon.resources import parse_cpuset
 
@@ -57,6 +58,7 @@ __all__ = [
 ]
 
 CATEGORIES = ("simple", "complex", "code", "creative")
+
 Category = Literal["simple", "complex", "code", "creative"]
 LOCAL_ALIAS = "local"
 # LiteLLM provider prefixes Typhon serves, by client. Cloud providers are not among them: Typhon
@@ -342,6 +344,8 @@ class NodeConfig(_Strict):
 
     name: str = Field(min_length=1)
     url: str | None = None
+    # a read-scope API token of that node's `typhon serve` (its /hardware/summary needs one)
+    token: str | None = None
     gpus: list[GpuSpec] = Field(default_factory=list)
     tensor_parallel: bool = False
     roles: list[str] = Field(default_factory=list)
@@ -568,6 +572,8 @@ class TyphonConfig(_Strict):
     development: DevelopmentConfig = Field(default_factory=DevelopmentConfig)
     improve: ImproveConfig = Field(default_factory=ImproveConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    hooks: dict[str, HookConfig] = Field(default_factory=dict)
     source: str | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

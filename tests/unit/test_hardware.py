@@ -439,3 +439,22 @@ def test_nodes_are_asked_concurrently() -> None:
         (True, "127.0.0.2"),
         (True, "127.0.0.3"),
     ]
+
+
+def test_a_node_s_token_is_sent_and_its_absence_is_an_unreachable_node() -> None:
+    """A node's `typhon serve` answers /hardware/summary only with a read token."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.headers.get("Authorization") != "Bearer typhon_abc_secret":
+            return httpx.Response(401, json={"error": {"code": "unauthorized", "message": "no"}})
+        return httpx.Response(200, json={**REMOTE, "host": "gpu-a"})
+
+    config = TyphonConfig(
+        nodes=[
+            {"name": "with", "url": "http://127.0.0.2:8700", "token": "typhon_abc_secret"},
+            {"name": "without", "url": "http://127.0.0.3:8700"},
+        ]
+    )
+    nodes = cluster_summary(config, transport=httpx.MockTransport(handler))["nodes"]
+    assert [n["reachable"] for n in nodes] == [True, False]
+    assert "401" in nodes[1]["error"]

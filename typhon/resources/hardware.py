@@ -398,10 +398,11 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def _fetch(client: httpx.Client, base: str) -> _NodeResult:
+def _fetch(client: httpx.Client, base: str, token: str | None = None) -> _NodeResult:
     url = base.rstrip("/") + SUMMARY_PATH
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        response = client.get(url)
+        response = client.get(url, headers=headers)
         response.raise_for_status()
         data = response.json()
     except Exception as exc:  # any failure means "not reachable", never a crash
@@ -439,7 +440,7 @@ def cluster_summary(
     if asked:
         http = httpx.Client(timeout=timeout, transport=transport)
         with http as client, ThreadPoolExecutor(max_workers=min(16, len(asked))) as pool:
-            futures = {n.name: pool.submit(_fetch, client, str(n.url)) for n in asked}
+            futures = {n.name: pool.submit(_fetch, client, str(n.url), n.token) for n in asked}
             results = {name: future.result() for name, future in futures.items()}
     no_url = _NodeResult(None, "no url configured")
     return {
