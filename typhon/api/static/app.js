@@ -143,10 +143,10 @@
     await api("/v1/cluster", {token}); // a token is kept only once the server accepts it
     state.token = token;
     localStorage.setItem(TOKEN_KEY, token);
+    await loadCrews();
     $("login").hidden = true;
     $("console").hidden = false;
     $("token-change").hidden = false;
-    await loadCrews();
     startPolling();
   }
 
@@ -435,9 +435,10 @@
       if (dropToken(err)) return;
       const message = `The vote was not recorded: ${err.message}`;
       if (here) show("stream-feedback-note", message);
-      else show("overview-error", message);
+      else show("feedback-error", message);
       return;
     }
+    show("feedback-error", "");
     state.votes.set(runId, vote);
     markVotes(runId, vote);
     if (here) show("stream-feedback-note", `Recorded: thumbs ${vote}. Thank you.`);
