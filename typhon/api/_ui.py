@@ -37,7 +37,7 @@ from typhon.api._state import state_of
 from typhon.orchestrator import CeleryDispatcher, Typhon
 from typhon.store import runs
 
-__all__ = ["CSP", "STATIC_FILES", "router"]
+__all__ = ["CSP", "STATIC_FILES", "Workers", "ask_workers", "router"]
 
 STATIC_FILES = {
     "index.html": "text/html; charset=utf-8",
