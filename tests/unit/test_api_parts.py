@@ -71,6 +71,10 @@ def test_api_settings_are_checked() -> None:
     [
         ("GET", "/healthz", None),
         ("POST", "/v1/hooks/research", None),
+        ("GET", "/", None),
+        ("GET", "/ui/app.js", None),
+        ("POST", "/", "submit"),
+        ("GET", "/v1/cluster", "read"),
         ("GET", "/v1/runs", "read"),
         ("HEAD", "/v1/runs", "read"),
         ("GET", "/openapi.json", "read"),

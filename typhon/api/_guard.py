@@ -25,6 +25,9 @@ __all__ = ["BodyTooLarge", "Guard", "scope_needed"]
 
 PUBLIC = "/healthz"
 HOOKS = "/v1/hooks/"
+# The Command UI's page and its files (GET): no data; the page asks for a token for the rest.
+UI_PAGE = "/"
+UI_FILES = "/ui/"
 DOCS = ("/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc")
 
 
@@ -38,6 +41,8 @@ class BodyTooLarge(HTTPException):
 def scope_needed(method: str, path: str, *, public_docs: bool = False) -> TokenScope | None:
     """The token scope a request needs; None when it needs no token."""
     if path == PUBLIC or path.startswith(HOOKS) or (public_docs and path in DOCS):
+        return None
+    if method in ("GET", "HEAD") and (path == UI_PAGE or path.startswith(UI_FILES)):
         return None
     if method in ("GET", "HEAD"):
         return "read"
