@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import pytest
 import sqlalchemy as sa
 
-from typhon._types import RunStatus
+from typhon._types import RunStatus, Usage
 from typhon.config import ImproveConfig, TyphonConfig
 from typhon.context import RunContext
 from typhon.crews import Crew, CrewRegistry, crew
@@ -24,6 +24,7 @@ from typhon.improve._learn import DIAGNOSIS_CATEGORIES, diagnose, examples, is_p
 from typhon.improve._review import (
     GENERIC_RUBRIC,
     REVIEW_SCHEMA,
+    _cache_hit,
     judge,
     review_pending,
     review_run,
@@ -60,11 +61,14 @@ def _finished(
     model: str = "local",
     options: dict[str, Any] | None = None,
     prompt_version: int | None = None,
+    calls: int = 1,
 ) -> str:
     run = store.create_run(
         crew=crew, input=input, pool="research", model=model, options=options, category="simple"
     )
     assert store.claim(run.id) is not None
+    if calls:
+        store.add_usage(run.id, Usage(20, 10, calls, 0.5))
     if prompt_version is not None:
         store.set_prompt_version(run.id, prompt_version)
     assert store.finish(run.id, status, output=output, error=error)
@@ -142,6 +146,14 @@ def test_which_runs_get_a_review(store: RunStore, config: TyphonConfig) -> None:
         return wants_review(config, store.get(_finished(store, **kwargs)))
 
     assert wants() and wants(status=RunStatus.FAILED, output=None, error="boom")
+    assert wants(status=RunStatus.FAILED, output=None, error="model down", calls=0)
+    # a run that used no model has nothing the loop tunes; an answer from the cache counts
+    assert not wants(calls=0)
+    cached = _finished(store, calls=0)
+    assert not _cache_hit(store, store.get(cached))
+    store.add_event(cached, "cache_hit", {"model": "local"})
+    assert _cache_hit(store, store.get(cached))
+    assert wants_review(config, store.get(cached), cache_hit=True)
     assert not wants(status=RunStatus.CANCELLED, output=None)
     assert not wants(options={"eval": True}) and not wants(options={"no_review": True})
     assert not wants(crew="monitoring")

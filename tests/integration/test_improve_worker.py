@@ -37,7 +37,8 @@ from typhon import crew
 
 @crew("quick", pool="research")
 def quick(ctx):
-    return "RVV is the RISC-V vector extension; vsetvli sets the vector length."
+    answer = ctx.model.chat([{"role": "user", "content": ctx.input}], max_tokens=16).content
+    return "RVV is the RISC-V vector extension. " + answer
 """
 
 
@@ -134,7 +135,7 @@ def test_a_run_is_reviewed_on_a_monitoring_worker(make_cluster: Callable[..., Cl
         assert "run reviewed" not in logs[research.pid]
 
         # a review left pending by a process that went away: the sweep takes it up
-        left = store.create_run(crew="quick", input="x", pool="research", model="local")
+        left = store.create_run(crew="quick", input="y", pool="research", model="local")
         assert store.claim(left.id) is not None
         assert store.finish(left.id, RunStatus.FAILED, error="the worker went away")
         with store.engine.begin() as conn:

@@ -13,10 +13,13 @@ stored as a review with status ``failed`` and the raw reply; the run itself is n
 A model that cannot be reached leaves the review ``pending``: ``typhon improve review
 --pending`` and the beat sweep take it up later.
 
-A run's review is created ``pending`` when the run finishes (succeeded or failed; not cancelled,
-not evaluation runs, not runs with the ``no_review`` option, not the monitoring crew, and not
-when ``improve.review`` is off). In a cluster the ``typhon.review`` task on the improve queue
-does it; in-process (embedded) the runner does it right after the outcome, on the same thread.
+A run's review is created ``pending`` when the run finishes: a failed run, or a succeeded one
+that used a model (a model call, or an answer from the semantic cache); not a cancelled run, an
+evaluation run, a run with the ``no_review`` option, a run of the monitoring crew, nor any run
+while ``improve.review`` is off. A run that used no model has nothing the loop tunes (prompts,
+routing) and is left to people's feedback. In a cluster the ``typhon.review`` task on the
+improve queue does the review; in-process (embedded) the runner does it right after the outcome,
+on the same thread.
 A failed run with no output is judged without a model: score 0, verdict fail, reviewer
 ``rules``. After each review the learning extraction runs, the QA score goes to the
 producer's model-performance memory, and the crew's canary is checked.
@@ -220,15 +223,24 @@ def judge(
 
 
 # -- the stored review -------------------------------------------------------------------------
-def wants_review(config: TyphonConfig, record: RunRecord) -> bool:
-    """Whether a finished run gets a QA review (see the module's docstring)."""
+def wants_review(config: TyphonConfig, record: RunRecord, *, cache_hit: bool = False) -> bool:
+    """Whether a finished run gets a QA review (see the module's docstring); ``cache_hit``:
+    the semantic cache answered one of its model calls."""
+    used_a_model = record.usage.calls > 0 or cache_hit
     return (
         config.improve.review
-        and record.status in (RunStatus.SUCCEEDED, RunStatus.FAILED)
+        and (record.status is RunStatus.FAILED or (record.status is RunStatus.SUCCEEDED
+                                                   and used_a_model))
         and not record.options.get("eval")
         and not record.options.get("no_review")
         and record.crew not in SKIPPED_CREWS
-    )
+    )  # fmt: skip
+
+
+def _cache_hit(store: RunStore, record: RunRecord) -> bool:
+    if record.usage.calls > 0 or record.status is not RunStatus.SUCCEEDED:
+        return False  # not needed to decide
+    return any(event.kind == "cache_hit" for event in store.events(record.id))
 
 
 def _to_json(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -413,7 +425,8 @@ def queue_review(runtime: Runtime, run_id: str) -> None:
     cluster, right here in-process). Never raises: a review not done stays pending."""
     try:
         record = runtime.store.get(run_id)
-        if not wants_review(runtime.config, record):
+        hit = _cache_hit(runtime.store, record)
+        if not wants_review(runtime.config, record, cache_hit=hit):
             return
         _insert_pending(runtime.store, record, reviewer_for(runtime.config, record.model))
         if _send(runtime, run_id):
