@@ -508,6 +508,9 @@ class ImproveConfig(_Strict):
     ``suites`` names a suite file per crew for the weekly optimizer pass."""
 
     review: bool = True
+    # a run is reviewed by another tier; with one model only, reviewing it by itself costs a
+    # call per run for a weak signal, so it is off unless asked for
+    self_review: bool = False
     reviewers: dict[str, str] = Field(default_factory=dict)
     pool: str = "monitoring"
     example_min_score: float = Field(default=0.8, ge=0, le=1)

@@ -4,7 +4,10 @@ rubric and the review is stored with the run.
 Which model reviews: ``improve.reviewers[producer]`` when the configuration names one, else the
 chat model of the model list whose ``model_info.parameters_b`` differs most from the producer's
 (a 7B output is reviewed by the 70B model and the other way round), else the producer itself.
-The embedded default has one model (``local``), which therefore reviews its own runs.
+The embedded default has one model (``local``): a model reviewing its own output is a weak
+signal for the price of a call per run, so runs are reviewed after they finish only when another
+tier reviews them, or with ``improve.self_review`` on; ``typhon improve review RUN_ID`` reviews
+any finished run on demand.
 
 The reviewer answers JSON under a schema (``REVIEW_SCHEMA``: score 0..1, verdict pass|fail,
 critique, issues), which llama-server enforces by grammar; the client asks once more for an
@@ -16,13 +19,13 @@ A model that cannot be reached leaves the review ``pending``: ``typhon improve r
 A run's review is created ``pending`` when the run finishes: a failed run, or a succeeded one
 that used a model (a model call, or an answer from the semantic cache); not a cancelled run, an
 evaluation run, a run with the ``no_review`` option, a run of the monitoring crew, nor any run
-while ``improve.review`` is off. A run that used no model has nothing the loop tunes (prompts,
-routing) and is left to people's feedback. In a cluster the ``typhon.review`` task on the
-improve queue does the review; in-process (embedded) the runner does it right after the outcome,
-on the same thread.
-A failed run with no output is judged without a model: score 0, verdict fail, reviewer
-``rules``. After each review the learning extraction runs, the QA score goes to the
-producer's model-performance memory, and the crew's canary is checked.
+while ``improve.review`` is off (nor, see above, a run its own model would review). A run that
+used no model has nothing the loop tunes (prompts, routing) and is left to people's feedback.
+In a cluster the ``typhon.review`` task on the improve queue does the review; in-process
+(embedded) the runner does it right after the outcome, on the same thread. A failed run with no
+output is judged without a model: score 0, verdict fail, reviewer ``rules``. After each review
+the learning extraction runs, the QA score goes to the producer's model-performance memory, and
+the crew's canary is checked.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import structlog
 from typhon._types import RunRecord, RunStatus
 from typhon.config import TyphonConfig
 from typhon.crews import CrewRegistry, default_registry
-from typhon.errors import ModelResponseError, TyphonError
+from typhon.errors import InputError, ModelResponseError, TyphonError
 from typhon.improve._learn import after_judgement
 from typhon.models import ModelRegistry, json_schema_format
 from typhon.store import RunStore, run_reviews
@@ -227,8 +230,10 @@ def wants_review(config: TyphonConfig, record: RunRecord, *, cache_hit: bool = F
     """Whether a finished run gets a QA review (see the module's docstring); ``cache_hit``:
     the semantic cache answered one of its model calls."""
     used_a_model = record.usage.calls > 0 or cache_hit
+    other_tier = config.improve.self_review or reviewer_for(config, record.model) != record.model
     return (
         config.improve.review
+        and other_tier
         and (record.status is RunStatus.FAILED or (record.status is RunStatus.SUCCEEDED
                                                    and used_a_model))
         and not record.options.get("eval")
@@ -333,8 +338,6 @@ def review_run(
     new one (with ``pending_only``: None then). Returns the stored review. Raises
     RunNotFoundError, InputError for a run not finished, ModelUnavailableError when the
     reviewer cannot be reached (the review stays pending)."""
-    from typhon.errors import InputError
-
     record = store.get(run_id)
     if not record.status.finished:
         raise InputError(f"run {run_id} is {record.status.value}; review it once it has finished")
@@ -437,9 +440,14 @@ def queue_review(runtime: Runtime, run_id: str) -> None:
 
 
 def review_in(runtime: Runtime, run_id: str) -> dict[str, Any] | None:
-    """Do a run's pending review with this process's runtime (the ``typhon.review`` task)."""
-    memory = None if runtime.store.get(run_id).options.get("no_memory") else runtime.memory
-    return review_run(
-        runtime.config, runtime.store, runtime.models, run_id,
-        registry=runtime.registry, memory=memory, pending_only=True,
-    )  # fmt: skip
+    """Do a run's pending review with this process's runtime (the ``typhon.review`` task).
+    A reviewer that cannot be reached leaves it pending: ``{run_id, status, error}``."""
+    try:
+        memory = None if runtime.store.get(run_id).options.get("no_memory") else runtime.memory
+        return review_run(
+            runtime.config, runtime.store, runtime.models, run_id,
+            registry=runtime.registry, memory=memory, pending_only=True,
+        )  # fmt: skip
+    except TyphonError as exc:
+        log.warning("review left pending", run_id=run_id, error=str(exc))
+        return {"run_id": run_id, "status": "pending", "error": str(exc)}
