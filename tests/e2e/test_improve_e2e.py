@@ -15,7 +15,8 @@ from conftest import TYPHON_BIN
 
 from typhon.store import RunStore, run_reviews
 
-FAST = {"TYPHON_CREWS__RESEARCH__MAX_TOKENS": "48"}
+# the embedded default has one model: it reviews its own runs only when asked to
+FAST = {"TYPHON_CREWS__RESEARCH__MAX_TOKENS": "48", "TYPHON_IMPROVE__SELF_REVIEW": "true"}
 
 
 def _cli(home: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:

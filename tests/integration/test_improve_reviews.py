@@ -97,6 +97,12 @@ def _diagnoses(store: RunStore, run_id: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
+def config(home: Path) -> TyphonConfig:
+    """The embedded default's one model reviews its own runs here (``self_review``)."""
+    return TyphonConfig(home=home, improve=ImproveConfig(self_review=True))
+
+
+@pytest.fixture
 def memory(config: TyphonConfig, store: RunStore) -> Iterator[Memory]:
     mem = open_memory(config, store)
     yield mem
@@ -159,6 +165,11 @@ def test_which_runs_get_a_review(store: RunStore, config: TyphonConfig) -> None:
     assert not wants(crew="monitoring")
     off = TyphonConfig(home=config.home, improve=ImproveConfig(review=False))
     assert not wants_review(off, store.get(_finished(store)))
+    # by default only another tier reviews: one model alone does not review itself
+    assert not wants_review(TyphonConfig(), store.get(_finished(store)))
+    tiers = _tiers()
+    assert wants_review(tiers, store.get(_finished(store, model="qwen-7b")))
+    assert not wants_review(tiers, store.get(_finished(store, model="mystery")))
 
 
 # -- reviews -------------------------------------------------------------------------------------
@@ -363,8 +374,9 @@ def test_review_schema_is_bounded() -> None:
 
 
 # -- in-process runs -----------------------------------------------------------------------------
-def test_an_embedded_run_is_reviewed_right_after_its_outcome(home: Path) -> None:
-    config = TyphonConfig(home=home)
+def test_an_embedded_run_is_reviewed_right_after_its_outcome(
+    home: Path, config: TyphonConfig
+) -> None:
     registry = CrewRegistry(builtins={})
 
     @crew("echo", registry=registry, category="simple")
@@ -394,3 +406,33 @@ def test_an_embedded_run_is_reviewed_right_after_its_outcome(home: Path) -> None
         assert _reviews(store, record.id) == []
     finally:
         store.close()
+
+
+def test_the_hook_leaves_a_review_pending_while_the_reviewer_is_down(
+    store: RunStore, config: TyphonConfig
+) -> None:
+    from typhon._runtime import Runtime
+    from typhon.improve._review import queue_review, review_in
+
+    down = ModelUnavailableError(
+        "model 'local': every replica is down", alias="local", url="local:llama-server"
+    )
+    run_id = _finished(store)
+    runtime = Runtime(config, store=store, models=ScriptedModels(config, ScriptedModel(down)))
+    try:
+        queue_review(runtime, run_id)  # never raises: the run's outcome stands
+        assert [r["status"] for r in _reviews(store, run_id)] == ["pending"]
+        assert review_in(runtime, run_id) == {
+            "run_id": run_id, "status": "pending", "error": str(down),
+        }  # fmt: skip
+    finally:
+        runtime.models.close()
+    back = Runtime(config, store=store, models=ScriptedModels(config, ScriptedModel(GOOD)))
+    try:
+        review = review_in(back, run_id)
+        assert review is not None and (review["status"], review["score"]) == ("ok", 0.9)
+        assert review_in(back, run_id) is None  # nothing pending any more
+        queue_review(back, _finished(store, crew="monitoring"))  # not reviewed: no row
+    finally:
+        back.models.close()
+    assert store.get(run_id).status is RunStatus.SUCCEEDED

@@ -109,7 +109,11 @@ def _reviews(store: RunStore, run_id: str) -> list[dict[str, Any]]:
 
 
 def test_a_run_is_reviewed_on_a_monitoring_worker(make_cluster: Callable[..., Cluster]) -> None:
-    cluster = make_cluster(CREWS, pools={"research": "cap: 1", "monitoring": "cap: 1"})
+    cluster = make_cluster(
+        CREWS,
+        pools={"research": "cap: 1", "monitoring": "cap: 1"},
+        extra_yaml="improve: {self_review: true}\n",  # the one local model reviews itself
+    )
     research = cluster.start_worker(pool="research")
     monitoring = cluster.start_worker(pool="monitoring")
     config = load_config(cluster.config_path, environ={})
