@@ -125,6 +125,7 @@ class ModelUnavailableError(ModelError):
 
 class ModelResponseError(ModelError):
     code = "model_bad_response"
+    content: str | None = None  # the whole unusable answer, when there was one
 
 
 class CrewError(TyphonError):

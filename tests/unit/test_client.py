@@ -565,14 +565,17 @@ def test_json_that_breaks_the_schema_twice_is_a_response_error(
     clients: list[OpenAICompatibleClient],
 ) -> None:
     rec = Recorder(completion('{"grade": "A"}'))
-    with pytest.raises(ModelResponseError, match="does not match schema 'review'"):
+    with pytest.raises(ModelResponseError, match="does not match schema 'review'") as info:
         client_for(clients, rec).chat(
             MESSAGES, response_format=json_schema_format("review", SCHEMA)
         )
-    with pytest.raises(ModelResponseError, match="not the JSON asked for"):
-        client_for(clients, Recorder(completion("sure! here"))).chat(
+    assert info.value.content == '{"grade": "A"}'  # the whole answer, for whoever keeps it
+    long = "sure! here " * 20
+    with pytest.raises(ModelResponseError, match="not the JSON asked for") as info:
+        client_for(clients, Recorder(completion(long))).chat(
             MESSAGES, response_format={"type": "json_object"}
         )
+    assert info.value.content == long
 
 
 def test_a_stream_cut_off_before_any_text_is_asked_once_more(

@@ -350,13 +350,17 @@ class HttpModelClient:
             f"model '{self.alias}' at {self.url} {what}", alias=self.alias, url=self.url
         )
 
-    def _bad(self, what: str, *, retryable: bool = False) -> ModelResponseError:
-        return ModelResponseError(
+    def _bad(
+        self, what: str, *, retryable: bool = False, content: str | None = None
+    ) -> ModelResponseError:
+        error = ModelResponseError(
             f"model '{self.alias}' at {self.url} {what}",
             alias=self.alias,
             url=self.url,
             retryable=retryable,
         )
+        error.content = content
+        return error
 
 
 def _json(response: httpx.Response, client: HttpModelClient) -> Any:
@@ -393,7 +397,9 @@ def _check_format(
         value = json.loads(content)
     except ValueError:
         raise client._bad(
-            f"answered text that is not the JSON asked for: {content[:80]!r}", retryable=True
+            f"answered text that is not the JSON asked for: {content[:80]!r}",
+            retryable=True,
+            content=content,
         ) from None
     named = _schema_of(response_format)
     if named is None:
@@ -407,6 +413,7 @@ def _check_format(
         raise client._bad(
             f"answered JSON that does not match schema '{name}': {exc.message[:120]}",
             retryable=True,
+            content=content,
         ) from None
 
 
