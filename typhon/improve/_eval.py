@@ -199,7 +199,9 @@ class Evaluator:
         return EvalResult(crew, version.version if version else None, results)
 
     def _check(self, crew: str, item: SuiteItem, record: RunRecord) -> ItemResult:
-        calls = record.usage.calls
+        # every call made, answered or not (a failed call is not in the run's usage)
+        made = sum(r["calls"] for r in self.typhon.store.run_calls_by_alias(record.id))
+        calls = max(record.usage.calls, made)
         if record.status is not RunStatus.SUCCEEDED:
             why = f"run {record.status.value}: {record.error or 'no output'}"
             return ItemResult(item.id, item.input, False, record.output or "",

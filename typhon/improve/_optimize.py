@@ -7,9 +7,9 @@ in turn:
 * ``demos``: few-shot demonstrations chosen from examples — train items whose check is
   ``equals`` (the value is the answer), train items whose output passed its check under the best
   version (bootstrapped, as DSPy's BootstrapFewShot does) and live examples that reviews and
-  people rated well. The choice covers the shapes of the inputs the best version gets wrong
-  first (letters, digits and punctuation: ``7 June 2019`` and ``07.06.2019`` differ), then the
-  other shapes; each round draws again.
+  people rated well. The choice covers the inputs the best version gets wrong: greedy facility
+  location on the inputs' shapes (letters, digits and punctuation: ``7 June 2019``,
+  ``07.06.2019`` and ``bob@example.org`` look different), ties drawn at random.
 * ``rewrite``: each instruction text (every field but ``role``) rewritten by a model
   (``improve.rewrite_model``, else the reviewer of the crew's model, else the crew's model)
   that reads the failed train items with their outputs and the live critiques and diagnoses;
@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,7 +141,17 @@ def shape(text: str) -> str:
     """The look of an input: runs of letters, digits and spaces collapsed (``9 a 9``)."""
     out = re.sub(r"[^\W\d_]+", "a", text.strip())
     out = re.sub(r"\d+", "9", out)
-    return re.sub(r"\s+", " ", out)[:48]
+    return re.sub(r"\s+", " ", out)
+
+
+def _features(text: str) -> frozenset[str]:
+    """The characters and character pairs of an input's shape."""
+    s = shape(text)
+    return frozenset(s) | frozenset(s[i : i + 2] for i in range(len(s) - 1))
+
+
+def _similarity(a: frozenset[str], b: frozenset[str]) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
 
 
 def select_demos(
@@ -151,26 +160,25 @@ def select_demos(
     k: int,
     rng: random.Random,
 ) -> list[dict[str, str]]:
-    """``k`` demonstrations from ``pool``: one for each shape of the ``failing`` inputs, most
-    frequent first, then other shapes, then anything left (random within a shape)."""
-    by_shape: dict[str, list[Mapping[str, str]]] = {}
-    for example in pool:
-        by_shape.setdefault(shape(example["input"]), []).append(example)
-    wanted = [s for s, _ in Counter(shape(text) for text in failing).most_common()]
-    others = [s for s in by_shape if s not in wanted]
-    rng.shuffle(others)
-    chosen: list[Mapping[str, str]] = []
-    for group in (wanted, others):
-        for key in group:
-            if len(chosen) >= k:
-                break
-            choices = [e for e in by_shape.get(key, []) if e not in chosen]
-            if choices:
-                chosen.append(rng.choice(choices))
-    rest = [e for e in pool if e not in chosen]
-    rng.shuffle(rest)
-    chosen += rest[: max(0, k - len(chosen))]
-    return [{"input": str(e["input"]), "output": str(e["output"])} for e in chosen]
+    """``k`` demonstrations from ``pool`` that together look most like the ``failing`` inputs
+    (all of the pool's when none fail): greedy facility location on the inputs' shapes, each
+    step adding the example that raises the summed best similarity the most (ties drawn)."""
+    feats = [_features(e["input"]) for e in pool]
+    targets = [_features(text) for text in failing] or feats
+    sims = [[_similarity(f, t) for t in targets] for f in feats]
+    covered = [0.0] * len(targets)
+    jitter = [rng.random() * 1e-9 for _ in pool]
+    chosen: list[int] = []
+    while len(chosen) < min(k, len(pool)):
+        gains = {
+            j: jitter[j] + sum(max(0.0, s - c) for s, c in zip(sims[j], covered, strict=True))
+            for j in range(len(pool))
+            if j not in chosen
+        }
+        pick = max(gains, key=gains.__getitem__)
+        chosen.append(pick)
+        covered = [max(c, s) for c, s in zip(covered, sims[pick], strict=True)]
+    return [{"input": str(pool[j]["input"]), "output": str(pool[j]["output"])} for j in chosen]
 
 
 _REWRITE_SYSTEM = (
