@@ -17,7 +17,7 @@ from typhon.context import RunContext
 from typhon.crews import CrewRegistry, crew
 from typhon.improve._canary import canary_state, check_canary
 from typhon.improve._eval import Evaluator
-from typhon.improve._optimize import optimize, try_candidate
+from typhon.improve._optimize import optimize, try_candidate, weekly_pass
 from typhon.improve._prompts import PromptVersions
 from typhon.improve._suite import Check, SuiteItem
 from typhon.models import Message
@@ -305,3 +305,23 @@ def test_canary_waits_for_enough_judged_runs_on_both_sides(
     judged(1, "up", 1)
     assert PromptVersions(store).canary("quiz") is None
     assert PromptVersions(store).get("quiz", version).status == "retired"
+
+
+def test_the_weekly_pass_optimizes_each_crew_with_a_suite(
+    home: Path, tmp_path: Path, store: RunStore
+) -> None:
+    suite = tmp_path / "quiz.jsonl"
+    suite.write_text("\n".join(json.dumps(i.to_json()) for i in items()) + "\n")
+    cfg = TyphonConfig.model_validate({"home": home, "improve": {
+        "rounds": 1, "demos": 2, "bootstrap_samples": 500,
+        "suites": {"quiz": str(suite), "ghost": str(tmp_path / "missing.jsonl")}}})  # fmt: skip
+    models = ScriptedModels(cfg, ScriptedModel(knows_with_demos))
+    out = weekly_pass(cfg, store, registry=REGISTRY, models=models)
+    assert [r["crew"] for r in out] == ["quiz", "ghost"]
+    assert out[0]["promoted"] is True and out[0]["status"] == "canary"
+    assert out[1] == {
+        "crew": "ghost",
+        "error": f"suite file {tmp_path / 'missing.jsonl'} does not exist",
+    }
+    assert PromptVersions(store).canary("quiz") is not None
+    assert weekly_pass(TyphonConfig(home=home), store) == []

@@ -44,7 +44,7 @@ from typhon.errors import InputError, ModelError, TyphonError
 from typhon.improve._eval import EvalResult, Evaluator
 from typhon.improve._prompts import Prompts, PromptVersion, PromptVersions
 from typhon.improve._suite import SuiteItem, load_suite, split_items
-from typhon.models import ModelClient, json_schema_format
+from typhon.models import ModelClient, ModelRegistry, json_schema_format
 from typhon.store import RunStore, improve_diagnoses, run_reviews
 
 __all__ = [
@@ -538,14 +538,17 @@ def try_candidate(
 
 
 def weekly_pass(
-    config: TyphonConfig, store: RunStore, registry: CrewRegistry | None = None
+    config: TyphonConfig,
+    store: RunStore,
+    registry: CrewRegistry | None = None,
+    models: ModelRegistry | None = None,
 ) -> list[dict[str, Any]]:
     """The weekly optimizer pass: ``optimize`` for every crew in ``improve.suites``. A crew whose
-    pass fails is logged and skipped."""
+    pass fails is logged and reported as ``{crew, error}``; the others go on."""
     out: list[dict[str, Any]] = []
     if not config.improve.suites:
         return out
-    with Evaluator(config, store, registry=registry) as evaluator:
+    with Evaluator(config, store, registry=registry, models=models) as evaluator:
         for crew, path in config.improve.suites.items():
             try:
                 items = load_suite(Path(path))
