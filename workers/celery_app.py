@@ -86,6 +86,8 @@ def _serves_improve(config: TyphonConfig, pool: str) -> bool:
 
 
 def create_app(config: TyphonConfig) -> Celery:
+    # set_as_current=False and shared=False on every task: apps made in one process (tests, the
+    # API) do not lend each other their tasks when they finalize
     app = Celery("typhon", broker=config.broker_url, set_as_current=False)
     hard_limits = [config.crew_settings(c).hard_limit_s for c in [*config.crews, ""]]
     interval = config.cluster.reaper_interval_s
@@ -122,11 +124,11 @@ def create_app(config: TyphonConfig) -> Celery:
         },
     )
 
-    @app.task(name=TASK_NAME, ignore_result=True)  # type: ignore[untyped-decorator]
+    @app.task(name=TASK_NAME, ignore_result=True, shared=False)  # type: ignore[untyped-decorator]
     def run_task(run_id: str, pool: str | None = None) -> str:
         return execute_run(_process_runtime(), run_id, pool).value
 
-    @app.task(name=MEMORY_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    @app.task(name=MEMORY_TASK, ignore_result=True, shared=False)  # type: ignore[untyped-decorator]
     def memory_task() -> dict[str, int] | None:
         from typhon.memory._retention import maintain
 
@@ -136,7 +138,7 @@ def create_app(config: TyphonConfig) -> Celery:
             return None
         return maintain(memory, compact_after_days=runtime.config.memory.compact_after_days)
 
-    @app.task(name=MONITOR_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    @app.task(name=MONITOR_TASK, ignore_result=True, shared=False)  # type: ignore[untyped-decorator]
     def monitor_task() -> dict[str, Any]:
         """The Monitoring crew's checks, from beat: opens and resolves alerts. It records no
         run: a run every minute would bury people's runs (``typhon run monitoring`` makes one
@@ -151,13 +153,13 @@ def create_app(config: TyphonConfig) -> Celery:
             "open": [a.id for a in report.open],
         }
 
-    @app.task(name=REVIEW_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    @app.task(name=REVIEW_TASK, ignore_result=True, shared=False)  # type: ignore[untyped-decorator]
     def review_task(run_id: str) -> dict[str, Any] | None:
         from typhon.improve._review import review_in
 
         return review_in(_process_runtime(), run_id)
 
-    @app.task(name=REVIEW_SWEEP_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    @app.task(name=REVIEW_SWEEP_TASK, ignore_result=True, shared=False)  # type: ignore[untyped-decorator]
     def review_sweep_task() -> list[dict[str, Any]]:
         from typhon.improve._review import review_pending
 
@@ -167,7 +169,7 @@ def create_app(config: TyphonConfig) -> Celery:
             registry=rt.registry, memory=rt.memory,
         )  # fmt: skip
 
-    @app.task(name=REPORT_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    @app.task(name=REPORT_TASK, ignore_result=True, shared=False)  # type: ignore[untyped-decorator]
     def report_task() -> dict[str, str]:
         from typhon.improve._report import write_report
 
@@ -175,14 +177,14 @@ def create_app(config: TyphonConfig) -> Celery:
         written = write_report(rt.config, rt.store)
         return {"markdown": written["markdown"], "json": written["json"]}
 
-    @app.task(name=WEEKLY_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    @app.task(name=WEEKLY_TASK, ignore_result=True, shared=False)  # type: ignore[untyped-decorator]
     def weekly_task() -> Any:
         from typhon.improve._optimize import weekly_pass  # type: ignore[import-not-found,unused-ignore]
 
         rt = _process_runtime()
         return weekly_pass(rt.config, rt.store)
 
-    @app.task(name=REAP_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    @app.task(name=REAP_TASK, ignore_result=True, shared=False)  # type: ignore[untyped-decorator]
     def reap_task() -> dict[str, list[str]]:
         runtime = _process_runtime()
         cfg = runtime.config
