@@ -218,18 +218,22 @@ def test_fail_and_garbage_hooks(shim: OllamaShim, http: httpx.Client) -> None:
 def test_truncate_hook_cuts_streams_and_bodies(shim: OllamaShim, http: httpx.Client) -> None:
     shim.truncate_next = 2
     lines: list[dict[str, Any]] = []
+    # each request on a connection of its own: a cut answer closes its connection, and a pooled
+    # connection could otherwise be reused in the moment before the close reaches the client
+    close = {"Connection": "close"}
     with (
         pytest.raises(httpx.RemoteProtocolError),
-        http.stream("POST", "/api/chat", json=_chat()) as resp,
+        http.stream("POST", "/api/chat", json=_chat(), headers=close) as resp,
     ):
         assert resp.status_code == 200
         lines.extend(json.loads(line) for line in resp.iter_lines())
     assert 1 <= len(lines) <= 2 and not any(line["done"] for line in lines)
-    cut = http.post("/api/chat", json=_chat(stream=False))
+    cut = http.post("/api/chat", json=_chat(stream=False), headers=close)
     assert cut.status_code == 200 and cut.text.startswith('{"model"')
     with pytest.raises(json.JSONDecodeError):
         json.loads(cut.text)
-    assert http.post("/api/chat", json=_chat(stream=False)).json()["done"] is True
+    whole = http.post("/api/chat", json=_chat(stream=False), headers=close)
+    assert whole.json()["done"] is True
 
 
 def test_delay_hook(shim: OllamaShim, http: httpx.Client) -> None:
