@@ -165,6 +165,11 @@ class ModelEntry(_Strict):
     litellm_params: LitellmParams
     model_info: ModelInfo = Field(default_factory=ModelInfo)
 
+    @property
+    def is_chat(self) -> bool:
+        """A chat model (LiteLLM's ``model_info.mode``, chat unless it says otherwise)."""
+        return bool((self.model_info.model_extra or {}).get("mode", "chat") == "chat")
+
     @model_validator(mode="after")
     def _needs_base(self) -> ModelEntry:
         provider = self.litellm_params.provider
@@ -590,11 +595,7 @@ class TyphonConfig(_Strict):
             return v
         models: list[ModelEntry] = info.data.get("models") or []
         names = [m.model_name for m in models]
-        chat = [
-            m.model_name
-            for m in models
-            if (m.model_info.model_extra or {}).get("mode", "chat") == "chat"
-        ]
+        chat = [m.model_name for m in models if m.is_chat]
         fallback = LOCAL_ALIAS if LOCAL_ALIAS in names or not chat else chat[0]
         return {**dict.fromkeys(CATEGORIES, fallback), **(v or {})}
 

@@ -114,3 +114,29 @@ def test_the_number_of_entries_is_bounded(store: RunStore, tmp_path: Path) -> No
         assert small.lookup("fast", "v1", "Who wrote Hamlet?") is not None
     finally:
         vectors.close()
+
+
+def test_a_version_retired_by_a_promotion_loses_its_entries_and_vectors(
+    cache: SemanticCache, store: RunStore
+) -> None:
+    """Promoting a new prompt version (here as the command line does, without a cache object)
+    drops the retired version's entries and their vectors."""
+    import sqlalchemy as sa
+
+    from typhon.crews.research import ResearchCrew
+    from typhon.improve._prompts import PromptVersions
+    from typhon.store import memory_vectors
+
+    versions = PromptVersions(store)
+    first = versions.ensure("research", ResearchCrew)
+    cache.put("fast", first.tag, ASK, "Paris.")
+    cache.put("fast", "other:v1", ASK, "Paris!")
+    second = versions.add("research", first.prompts, parent=first.version, source="manual")
+    versions.promote("research", second.version)
+    assert cache.lookup("fast", first.tag, ASK) is None
+    assert cache.lookup("fast", "other:v1", ASK) is not None  # other versions keep theirs
+    with store.engine.connect() as conn:
+        ops = conn.execute(
+            sa.select(memory_vectors.c.op, sa.func.count()).group_by(memory_vectors.c.op)
+        ).all()
+    assert dict(ops) == {"add": 1, "del": 1}

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from typhon._types import MAX_INPUT_CHARS, RunStatus, Usage
 from typhon.errors import InputError
+from typhon.improve._scores import latest_by_run
 from typhon.store import RunStore, run_feedback, run_reviews, runs
 
 __all__ = ["EXTERNAL_POOL", "OUTPUT_CHARS", "activity", "ingest", "render_activity"]
@@ -33,13 +34,6 @@ def _iso(value: datetime | None) -> str | None:
     if value is None:
         return None
     return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
-
-
-def _latest(rows: list[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
-    out: dict[str, Mapping[str, Any]] = {}
-    for row in sorted(rows, key=lambda r: r["id"]):
-        out[row["run_id"]] = row
-    return out
 
 
 def _verdicts(
@@ -58,9 +52,9 @@ def _verdicts(
             reviews += [dict(x) for x in conn.execute(query).mappings()]
             query = sa.select(f.id, f.run_id, f.vote).where(f.run_id.in_(chunk))
             votes += [dict(x) for x in conn.execute(query).mappings()]
-    ok = _latest([x for x in reviews if x["status"] == "ok"])
-    state = {k: str(v["status"]) for k, v in _latest(reviews).items()}
-    return ok, _latest(votes), state
+    ok = latest_by_run([x for x in reviews if x["status"] == "ok"])
+    state = {k: str(v["status"]) for k, v in latest_by_run(reviews).items()}
+    return ok, latest_by_run(votes), state
 
 
 def activity(

@@ -376,21 +376,7 @@ class PromptVersions:
 
     def _retire_cache(self, crew: str) -> None:
         """Cache entries (and their vectors) of versions no longer served are dropped."""
-        from typhon.memory._index import _remove_rows
-        from typhon.store import cache_entries, memory_vectors
+        from typhon.memory._cache import drop_prompt_versions
 
         retired = [v.tag for v in self.history(crew) if v.status == "retired"]
-        if not retired:
-            return
-        c, v = cache_entries.c, memory_vectors.c
-        with self.store.engine.begin() as conn:
-            ids = [r[0] for r in conn.execute(sa.select(c.id).where(c.prompt_version.in_(retired)))]
-            if not ids:
-                return
-            conn.execute(cache_entries.delete().where(c.id.in_(ids)))
-            query = sa.select(v.collection, v.point_id).where(v.point_id.in_(ids), v.op == "add")
-            by_collection: dict[str, list[str]] = {}
-            for collection, point in conn.execute(query):
-                by_collection.setdefault(collection, []).append(point)
-            for collection, points in by_collection.items():
-                _remove_rows(conn, collection, points)
+        drop_prompt_versions(self.store, retired)

@@ -24,6 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from typhon.config import TyphonConfig
+from typhon.improve._scores import latest_by_run
 from typhon.store import RunStore, improve_diagnoses, run_feedback, run_reviews, runs
 
 __all__ = ["build_report", "render_markdown", "write_report"]
@@ -66,13 +67,6 @@ def _trend(now: dict[str, Any], before: dict[str, Any]) -> dict[str, float | Non
     }
 
 
-def _latest_by_run(rows: list[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
-    out: dict[str, Mapping[str, Any]] = {}
-    for row in sorted(rows, key=lambda r: r["id"]):
-        out[row["run_id"]] = row
-    return out
-
-
 def _load(store: RunStore, since: datetime, until: datetime) -> list[dict[str, Any]]:
     """Finished runs in [since, until) with their latest QA score, vote and review status."""
     c = runs.c
@@ -92,9 +86,9 @@ def _load(store: RunStore, since: datetime, until: datetime) -> list[dict[str, A
             reviews += [dict(x) for x in conn.execute(query).mappings()]
             query = sa.select(f.id, f.run_id, f.vote).where(f.run_id.in_(chunk))
             votes += [dict(x) for x in conn.execute(query).mappings()]
-    ok = _latest_by_run([x for x in reviews if x["status"] == "ok"])
-    last = _latest_by_run(reviews)
-    voted = _latest_by_run(votes)
+    ok = latest_by_run([x for x in reviews if x["status"] == "ok"])
+    last = latest_by_run(reviews)
+    voted = latest_by_run(votes)
     for x in found:
         review, vote = ok.get(x["id"]), voted.get(x["id"])
         x["qa"] = review["score"] if review is not None else None

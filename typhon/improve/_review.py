@@ -95,7 +95,7 @@ _ANSWER_TOKENS = _MAX_TOKENS + 400  # the reply and the instructions around inpu
 def _chat_sizes(config: TyphonConfig) -> dict[str, float | None]:
     sizes: dict[str, float | None] = {}
     for entry in config.models:
-        if (entry.model_info.model_extra or {}).get("mode", "chat") != "chat":
+        if not entry.is_chat:
             continue
         sizes.setdefault(entry.model_name, entry.model_info.parameters_b)
     return sizes

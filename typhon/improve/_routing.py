@@ -81,11 +81,7 @@ def propose(
     if row is None:
         return []
     rules = RoutingRules.from_row(row)
-    chat = {
-        m.model_name
-        for m in config.models
-        if (m.model_info.model_extra or {}).get("mode", "chat") == "chat"
-    }
+    chat = {m.model_name for m in config.models if m.is_chat}
     scores: dict[tuple[str, str], list[float]] = {}
     for judged in judged_runs(store, since=since):
         if judged.model and judged.category:

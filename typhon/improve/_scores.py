@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from typhon.store import RunStore, run_feedback, run_reviews, runs
 
-__all__ = ["Judged", "judged_runs", "run_score"]
+__all__ = ["Judged", "judged_runs", "latest_by_run", "run_score"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,14 @@ def _latest(rows: list[Any], key: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for row in sorted(rows, key=lambda r: (r["created_at"], r["id"])):
         out[row[key]] = row
+    return out
+
+
+def latest_by_run(rows: list[Any]) -> dict[str, Any]:
+    """The row with the highest id per run (the latest written)."""
+    out: dict[str, Any] = {}
+    for row in sorted(rows, key=lambda r: r["id"]):
+        out[row["run_id"]] = row
     return out
 
 

@@ -278,6 +278,31 @@ class SemanticCache:
         return out
 
 
+def drop_prompt_versions(store: RunStore, versions: Sequence[str]) -> int:
+    """Delete the entries of retired prompt versions and their vectors, whatever embedding
+    model's collection holds them (for callers without a SemanticCache, e.g. when a version is
+    promoted or rolled back from the command line)."""
+    from typhon.memory._index import _remove_rows
+    from typhon.store import memory_vectors
+
+    if not versions:
+        return 0
+    c, v = cache_entries.c, memory_vectors.c
+    store.migrate_once()
+    with store.engine.begin() as conn:
+        ids = [r[0] for r in conn.execute(sa.select(c.id).where(c.prompt_version.in_(versions)))]
+        if not ids:
+            return 0
+        conn.execute(cache_entries.delete().where(c.id.in_(ids)))
+        query = sa.select(v.collection, v.point_id).where(v.point_id.in_(ids), v.op == "add")
+        by_collection: dict[str, list[str]] = {}
+        for collection, point in conn.execute(query):
+            by_collection.setdefault(collection, []).append(point)
+        for collection, points in by_collection.items():
+            _remove_rows(conn, collection, points)
+    return len(ids)
+
+
 def prompt_version_of(*parts: object) -> str:
     """A short stable version id for a set of prompt templates (until they are versioned)."""
     digest = hashlib.sha256(repr(parts).encode()).hexdigest()[:12]
